@@ -1,0 +1,3 @@
+from neuroplast.cli import main
+
+raise SystemExit(main())

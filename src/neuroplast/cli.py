@@ -1,0 +1,223 @@
+"""The `neuroplast` command line: parses, validates, calls one function per command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import typing
+from dataclasses import fields
+from pathlib import Path
+
+from neuroplast import __version__
+from neuroplast.data import DataError, is_available_offline
+from neuroplast.dst import METHODS
+from neuroplast.train import ConfigError, RunConfig, load_toml
+
+DEMO_METHODS = ("dense", "static", "set", "rigl")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Report bad arguments on one line (bad value and valid choices), exit code 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _field_type(annotation) -> type:
+    """The scalar type behind `int | None`, `list[int]`, ... (annotations are strings here)."""
+    text = str(annotation)
+    for name, kind in (("list[int]", list), ("bool", bool), ("int", int), ("float", float), ("str", str)):
+        if text.startswith(name):
+            return kind
+    raise TypeError(f"unsupported config field type {annotation!r}")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+HELP = {
+    "dataset": "digits (offline), mnist, fashion-mnist, cifar10",
+    "model": "mlp or cnn",
+    "hidden": "MLP hidden widths, comma-separated (default 1000,1000,1000)",
+    "method": f"DST method: {', '.join(METHODS)}",
+    "density": "fraction of live weights in the sparse layers, in (0, 1] (0.05 = 95%% sparsity)",
+    "distribution": "how density is spread over layers: uniform, er, erk",
+    "epsilon": "with --distribution er: SET's epsilon (no global budget)",
+    "dense_first": "keep the first layer dense",
+    "dense_last": "keep the last layer dense",
+    "backend": "sparse backend: masked",
+    "drop_fraction": "drop fraction (SET zeta, RigL alpha); default: the method's",
+    "update_every": "steps between topology updates; default: the method's",
+    "end_fraction": "stop topology updates after this fraction of training (RigL T_end)",
+    "lr_schedule": "cosine, step or constant (stepped per epoch)",
+    "device": "cpu, cuda or auto",
+}
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per RunConfig field; defaults are None so only given flags override the file."""
+    group = parser.add_argument_group("run configuration (override --config)")
+    group.add_argument("--config", metavar="FILE", help="TOML file with any of the keys below")
+    for f in fields(RunConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _field_type(f.type)
+        default = f.default if not callable(f.default_factory) else f.default_factory()
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        help_text = HELP.get(f.name, f.name.replace("_", " ")) + f" (default: {shown})"
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif kind is list:
+            group.add_argument(flag, type=_int_list, default=None, metavar="N,N,...", help=help_text)
+        else:
+            group.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=help_text)
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    values = load_toml(args.config) if args.config else {}
+    source = f"config file {args.config!r}" if args.config else "config"
+    values.update({f.name: getattr(args, f.name) for f in fields(RunConfig) if getattr(args, f.name) is not None})
+    return RunConfig.from_dict(values, source).validate()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="neuroplast",
+        description="Sparse neural networks in PyTorch: dynamic sparse training (SET, RigL), masks, benchmarks.",
+        epilog="Run `neuroplast COMMAND --help` for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"neuroplast {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+
+    train = commands.add_parser(
+        "train",
+        help="train one model (dense, static sparse, SET, RigL)",
+        description="Train one model. Writes config.toml, metrics.jsonl, summary.json and a checkpoint to --out.",
+    )
+    train.add_argument("--out", required=True, metavar="DIR", help="run folder")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_flags(train)
+
+    compare = commands.add_parser(
+        "compare",
+        help="train methods x seeds and tabulate mean ± std test accuracy",
+        description=(
+            "Train every method for every seed (one folder per cell; finished cells are skipped, "
+            "interrupted ones resume), then write results.md and learning_curves.png to --out."
+        ),
+    )
+    compare.add_argument("--methods", default="dense,static,set,rigl", help="comma-separated methods")
+    compare.add_argument("--seeds", type=_int_list, default=[0, 1, 2], metavar="N,N,...", help="seeds (default 0,1,2)")
+    compare.add_argument("--out", default="runs/compare", metavar="DIR", help="grid folder (default runs/compare)")
+    compare.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_flags(compare)
+
+    demo = commands.add_parser(
+        "demo",
+        help="dense vs static vs SET vs RigL at 95%% sparsity, in about 2 minutes",
+        description=(
+            "Train dense, static, SET and RigL MLPs at 95%% sparsity (ERK) on Fashion-MNIST when it is "
+            "available offline, else on scikit-learn's digits; print a comparison table and write a "
+            "learning-curve PNG."
+        ),
+    )
+    demo.add_argument("--out", default="runs/demo", metavar="DIR", help="folder for the runs (default runs/demo)")
+    demo.add_argument("--epochs", type=int, default=None, help="epochs per run (default: 3 on Fashion-MNIST, 30 on digits)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    for m in methods:
+        if m not in METHODS:
+            raise ConfigError(f"unknown method {m!r}; choose from: {', '.join(METHODS)}")
+    if not methods:
+        raise ConfigError("--methods is empty; choose from: " + ", ".join(METHODS))
+    return methods
+
+
+def _report(folders: list[Path], out: Path, title: str) -> None:
+    from neuroplast.experiments import load_run, markdown_table, plot_learning_curves, print_table, summarize
+
+    runs = [load_run(f) for f in folders]
+    rows = summarize(runs)
+    print_table(rows, title)
+    (out / "results.md").write_text(f"{title}\n\n{markdown_table(rows)}")
+    figure = plot_learning_curves(runs, out / "learning_curves.png", title)
+    print(f"wrote {out / 'results.md'} and {figure}")
+
+
+def cmd_train(args) -> int:
+    from neuroplast.train import train
+
+    train(config_from_args(args), args.out, resume=args.resume, progress=not args.quiet)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from neuroplast.train.grid import run_grid
+
+    base = config_from_args(args)
+    methods = _methods(args.methods)
+    if not args.seeds:
+        raise ConfigError("--seeds is empty; give e.g. 0,1,2")
+    out = Path(args.out)
+    folders = run_grid(base, methods, args.seeds, out, progress=not args.quiet)
+    title = (
+        f"{base.dataset}, {base.model} {'-'.join(map(str, base.hidden))}, density {base.density} "
+        f"({base.distribution}), {base.epochs} epochs, seeds {','.join(map(str, args.seeds))}"
+    )
+    _report(folders, out, title)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from neuroplast.train.grid import run_grid
+
+    if args.epochs is not None and args.epochs < 1:
+        raise ConfigError(f"epochs {args.epochs!r} must be a positive integer")
+    if is_available_offline("fashion-mnist"):
+        base = RunConfig(dataset="fashion-mnist", density=0.05, epochs=args.epochs or 3)
+        print("Fashion-MNIST found locally: training on it (60,000 train / 10,000 test images).")
+    else:
+        base = RunConfig(dataset="digits", density=0.05, epochs=args.epochs or 30, batch_size=32, hidden=[256, 256])
+        print(
+            "Fashion-MNIST is not available offline (apt-get install dataset-fashion-mnist, or set "
+            "NEUROPLAST_DATA): training on scikit-learn's 8x8 digits instead."
+        )
+    start = time.perf_counter()
+    out = Path(args.out) / base.dataset
+    folders = run_grid(base, DEMO_METHODS, [0], out, progress=not args.quiet)
+    title = f"demo: {base.dataset}, MLP {'-'.join(map(str, base.hidden))}, 95% sparsity (ERK), {base.epochs} epochs"
+    _report(folders, out, title)
+    print(f"demo finished in {time.perf_counter() - start:.0f}s")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "compare": cmd_compare, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, DataError) as exc:
+        print(f"neuroplast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last finished epoch is checkpointed (continue with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Image classification datasets held in memory as tensors.
+
+`load_dataset(name)` returns a `Dataset`: normalised float32 train/test tensors of shape
+(N, C, H, W) (or (N, C*H*W) with `flatten=True`, for MLPs) and int64 labels. These sets are
+small, so everything lives in memory and batches are slices, not per-sample Python objects.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import pickle
+import struct
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from neuroplast.data.sources import CIFAR10, FASHION_MNIST, MNIST, DataError, Source, fetch, find_local, verify
+
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
+
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+@dataclass
+class Dataset:
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    image_shape: tuple[int, int, int]  # (C, H, W)
+    num_classes: int
+    origin: str  # where the data was read from, for the user's information
+
+    @property
+    def num_features(self) -> int:
+        c, h, w = self.image_shape
+        return c * h * w
+
+
+def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
+    """Decode an IDX file (the MNIST format): magic 0x0000TTDD, DD big-endian uint32 dims, data."""
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise DataError(f"{name} is not an IDX file (bad magic number)")
+    dtype = np.dtype(_IDX_DTYPES[data[2]])
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{name} is truncated (header incomplete)")
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(data) - header != expected:
+        raise DataError(f"{name} is truncated or corrupt: {len(data) - header} data bytes, expected {expected}")
+    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+
+
+def read_idx_gz(raw: bytes, name: str) -> np.ndarray:
+    try:
+        data = gzip.decompress(raw)
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{name} is truncated or not a valid gzip file ({exc})") from exc
+    return parse_idx(data, name)
+
+
+def load_idx_folder(folder: Path, source: Source = FASHION_MNIST, check: bool = True) -> tuple[np.ndarray, ...]:
+    """(x_train, y_train, x_test, y_test) from the four IDX gz files in `folder`.
+
+    `check=False` skips the checksum (for files a user or a test made in the same format).
+    """
+    arrays = []
+    for f in source.files:
+        path = folder / f.name
+        raw = verify(path, f) if check else _read(path)
+        arrays.append(read_idx_gz(raw, str(path)))
+    x_train, y_train, x_test, y_test = arrays
+    for x, y, split in ((x_train, y_train, "train"), (x_test, y_test, "test")):
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            raise DataError(f"{folder}: {split} images {x.shape} and labels {y.shape} do not match")
+    return x_train, y_train, x_test, y_test
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def read_cifar10_tarball(raw: bytes, name: str) -> tuple[np.ndarray, ...]:
+    """Decode the official `cifar-10-python.tar.gz` (pickled batches) into uint8 arrays, NCHW."""
+    members = [f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)] + ["cifar-10-batches-py/test_batch"]
+    batches = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:gz") as tar:
+            for member in members:
+                handle = tar.extractfile(member)
+                if handle is None:
+                    raise DataError(f"{name}: {member} is not a file")
+                # The tarball's checksum is verified before we unpickle it.
+                batches[member] = pickle.load(handle, encoding="bytes")
+    except (tarfile.TarError, EOFError, OSError, KeyError, pickle.UnpicklingError) as exc:
+        raise DataError(f"{name} is truncated or corrupt ({exc})") from exc
+
+    def unpack(batch: dict) -> tuple[np.ndarray, np.ndarray]:
+        x = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        y = np.asarray(batch[b"labels"], dtype=np.int64)
+        return x, y
+
+    train = [unpack(batches[m]) for m in members[:5]]
+    x_test, y_test = unpack(batches[members[5]])
+    return np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]), x_test, y_test
+
+
+def _digits() -> tuple[np.ndarray, ...]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    x = bunch.images.astype(np.float32)  # (1797, 8, 8), values 0..16
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, bunch.target, test_size=0.25, random_state=0, stratify=bunch.target
+    )
+    return x_train / 16.0, y_train, x_test / 16.0, y_test
+
+
+def _finish(name, arrays, origin, flatten) -> Dataset:
+    """Scale to [0,1], standardise with train-set channel statistics, convert to tensors."""
+    x_train, y_train, x_test, y_test = arrays
+    if x_train.ndim == 3:  # grayscale: add the channel axis
+        x_train, x_test = x_train[:, None], x_test[:, None]
+    scale = 255.0 if x_train.dtype == np.uint8 else 1.0
+    x_train = torch.from_numpy(np.array(x_train)).float().div_(scale)  # copy: parsed arrays are read-only
+    x_test = torch.from_numpy(np.array(x_test)).float().div_(scale)
+    mean = x_train.mean(dim=(0, 2, 3), keepdim=True)
+    std = x_train.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    x_train = (x_train - mean) / std
+    x_test = (x_test - mean) / std
+    shape = tuple(x_train.shape[1:])
+    if flatten:
+        x_train, x_test = x_train.flatten(1), x_test.flatten(1)
+    y_train = torch.as_tensor(np.asarray(y_train, dtype=np.int64))
+    y_test = torch.as_tensor(np.asarray(y_test, dtype=np.int64))
+    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    return Dataset(name, x_train, y_train, x_test, y_test, shape, num_classes, origin)
+
+
+def load_dataset(name: str, flatten: bool = False, download: bool = True, progress: bool = True) -> Dataset:
+    """Load a dataset by name: one of `DATASETS`."""
+    if name == "digits":
+        return _finish(name, _digits(), "scikit-learn (embedded 8x8 digits)", flatten)
+    if name in ("mnist", "fashion-mnist"):
+        source = MNIST if name == "mnist" else FASHION_MNIST
+        folder = find_local(source)
+        raw = fetch(source, download=download, progress=progress)
+        arrays = [read_idx_gz(raw[f.name], f.name) for f in source.files]
+        origin = str(folder) if folder else "download"
+        return _finish(name, arrays, origin, flatten)
+    if name == "cifar10":
+        raw = fetch(CIFAR10, download=download, progress=progress)
+        arrays = read_cifar10_tarball(raw[CIFAR10.files[0].name], CIFAR10.files[0].name)
+        return _finish(name, arrays, "cifar-10-python.tar.gz", flatten)
+    raise DataError(f"unknown dataset {name!r}; choose from: {', '.join(DATASETS)}")
+
+
+def is_available_offline(name: str) -> bool:
+    """True if `name` can be loaded without a download (files present, not yet verified)."""
+    sources = {"mnist": MNIST, "fashion-mnist": FASHION_MNIST, "cifar10": CIFAR10}
+    return name == "digits" or (name in sources and find_local(sources[name]) is not None)
+
+
+def dataset_from_arrays(name: str, arrays: tuple[np.ndarray, ...], flatten: bool = False) -> Dataset:
+    """Build a `Dataset` from (x_train, y_train, x_test, y_test) arrays, normalised like the rest."""
+    return _finish(name, arrays, "arrays", flatten)

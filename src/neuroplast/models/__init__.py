@@ -1,0 +1,80 @@
+"""Models: the SET-MLP shape and a small CNN for 28x28 / 32x32 images."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+MODELS = ("mlp", "cnn")
+
+
+class MLP(nn.Module):
+    """Fully connected classifier; default 784-1000-1000-1000-10 (the SET-MLP shape)."""
+
+    def __init__(
+        self,
+        in_features: int = 784,
+        hidden: Sequence[int] = (1000, 1000, 1000),
+        num_classes: int = 10,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        widths = [in_features, *hidden]
+        blocks: list[nn.Module] = []
+        for n_in, n_out in zip(widths[:-1], widths[1:]):
+            blocks += [nn.Linear(n_in, n_out), nn.ReLU()]
+            if dropout > 0:
+                blocks.append(nn.Dropout(dropout))
+        self.features = nn.Sequential(*blocks)
+        self.classifier = nn.Linear(widths[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x.flatten(1)))
+
+
+class CNN(nn.Module):
+    """Two conv blocks (32, 64 channels, 3x3, max-pool) and a 128-unit head; any HxW >= 8."""
+
+    def __init__(self, in_channels: int = 1, image_size: int = 28, num_classes: int = 10, dropout: float = 0.0):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        side = image_size // 4
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(64 * side * side, 128),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(128, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def build_model(
+    name: str,
+    image_shape: tuple[int, int, int],
+    num_classes: int,
+    hidden: Sequence[int] = (1000, 1000, 1000),
+    dropout: float = 0.0,
+) -> nn.Module:
+    c, h, w = image_shape
+    if name == "mlp":
+        return MLP(c * h * w, hidden, num_classes, dropout)
+    if name == "cnn":
+        if h != w:
+            raise ValueError(f"the CNN expects square images, got {h}x{w}")
+        return CNN(c, h, num_classes, dropout)
+    raise ValueError(f"unknown model {name!r}; choose from: {', '.join(MODELS)}")
+
+
+__all__ = ["CNN", "MLP", "MODELS", "build_model"]

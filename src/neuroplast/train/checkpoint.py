@@ -1,0 +1,75 @@
+"""Checkpoints: tensors in safetensors, everything else in JSON, written atomically.
+
+A checkpoint is a folder `checkpoint/` holding `tensors.safetensors` and `state.json`. It is
+written in full under a temporary name and then swapped in by renames, so a crash at any moment
+leaves the last complete checkpoint (as `checkpoint/` or, mid-swap, `checkpoint.old/`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CURRENT, PREVIOUS, PARTIAL = "checkpoint", "checkpoint.old", "checkpoint.partial"
+
+
+def _fsync_write(path: Path, write) -> None:
+    write(path)
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], state: dict) -> Path:
+    folder = Path(folder)
+    partial, current, previous = folder / PARTIAL, folder / CURRENT, folder / PREVIOUS
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    _fsync_write(partial / "tensors.safetensors", lambda p: save_file(tensors, str(p)))
+    _fsync_write(partial / "state.json", lambda p: p.write_text(json.dumps(state)))
+    shutil.rmtree(previous, ignore_errors=True)
+    if current.exists():
+        os.replace(current, previous)
+    os.replace(partial, current)
+    shutil.rmtree(previous, ignore_errors=True)
+    return current
+
+
+def find_checkpoint(folder: Path) -> Path | None:
+    for name in (CURRENT, PREVIOUS):
+        path = Path(folder) / name
+        if (path / "state.json").is_file() and (path / "tensors.safetensors").is_file():
+            return path
+    return None
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    return load_file(str(Path(path) / "tensors.safetensors")), json.loads((Path(path) / "state.json").read_text())
+
+
+def split_optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state as (tensors, JSON-able rest)."""
+    state = optimizer.state_dict()
+    tensors, rest = {}, {}
+    for index, values in state["state"].items():
+        rest[str(index)] = {}
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{index}.{key}"] = value
+            else:
+                rest[str(index)][key] = value
+    return tensors, {"state": rest, "param_groups": state["param_groups"]}
+
+
+def join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
+    state = {int(index): dict(values) for index, values in rest["state"].items()}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": rest["param_groups"]}

@@ -1,0 +1,120 @@
+"""A training run's configuration: plain data, loadable from TOML, validated at the boundary."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from neuroplast.data import DATASETS
+from neuroplast.dst import METHODS
+from neuroplast.models import MODELS
+from neuroplast.sparse import BACKENDS, DISTRIBUTIONS
+
+OPTIMIZERS = ("sgd", "adamw")
+LR_SCHEDULES = ("cosine", "step", "constant")
+DEVICES = ("cpu", "cuda", "auto")
+
+
+class ConfigError(ValueError):
+    """Bad configuration value; the message names it and the valid choices."""
+
+
+@dataclass
+class RunConfig:
+    # what to train
+    dataset: str = "digits"
+    model: str = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [1000, 1000, 1000])
+    dropout: float = 0.0
+    # sparsity
+    method: str = "set"
+    density: float = 0.05
+    distribution: str = "erk"
+    epsilon: float | None = None  # with distribution "er": SET's budget-free epsilon
+    dense_first: bool = False
+    dense_last: bool = False
+    backend: str = "masked"
+    # DST algorithm overrides (None: the preset's value)
+    drop_fraction: float | None = None  # SET's zeta, RigL's alpha
+    update_every: int | None = None  # steps between updates (SET default: one epoch)
+    end_fraction: float | None = None  # RigL's T_end as a fraction of training
+    # optimisation
+    epochs: int = 20
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    lr_schedule: str = "cosine"
+    lr_step_size: int = 10  # epochs, for the "step" schedule
+    lr_gamma: float = 0.1
+    # run
+    seed: int = 0
+    device: str = "cpu"
+
+    def validate(self) -> RunConfig:
+        choices = {
+            "dataset": DATASETS,
+            "model": MODELS,
+            "method": METHODS,
+            "distribution": DISTRIBUTIONS,
+            "backend": BACKENDS,
+            "optimizer": OPTIMIZERS,
+            "lr_schedule": LR_SCHEDULES,
+            "device": DEVICES,
+        }
+        for key, valid in choices.items():
+            value = getattr(self, key)
+            if value not in valid:
+                raise ConfigError(f"unknown {key} {value!r}; choose from: {', '.join(valid)}")
+        if not (isinstance(self.density, (int, float)) and 0.0 < self.density <= 1.0):
+            raise ConfigError(f"density {self.density!r} is outside (0, 1]; e.g. 0.05 for 95% sparsity")
+        positive_ints = {"epochs": self.epochs, "batch_size": self.batch_size, "lr_step_size": self.lr_step_size}
+        for key, value in positive_ints.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{key} {value!r} must be a positive integer")
+        if self.update_every is not None and self.update_every < 1:
+            raise ConfigError(f"update_every {self.update_every!r} must be a positive integer")
+        if not all(isinstance(h, int) and h > 0 for h in self.hidden) or not self.hidden:
+            raise ConfigError(f"hidden {self.hidden!r} must be a non-empty list of positive integers")
+        for key in ("lr", "weight_decay", "momentum"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} {getattr(self, key)!r} must be >= 0")
+        for key in ("dropout", "drop_fraction", "end_fraction"):
+            value = getattr(self, key)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{key} {value!r} must be in [0, 1]")
+        if self.epsilon is not None and self.distribution != "er":
+            raise ConfigError(f"epsilon is only used with distribution 'er', not {self.distribution!r}")
+        return self
+
+    # -- TOML ----------------------------------------------------------------------------------
+    def to_toml(self) -> str:
+        lines = [f"{k} = {json.dumps(v)}" for k, v in asdict(self).items() if v is not None]
+        return "\n".join(lines) + "\n"
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> RunConfig:
+        unknown = sorted(set(values) - set(cls.keys()))
+        if unknown:
+            raise ConfigError(f"unknown key {unknown[0]!r} in {source}; valid keys: {', '.join(cls.keys())}")
+        return cls(**values)
+
+
+def load_toml(path: str | Path) -> dict:
+    """The key/value pairs of a TOML config file (validated later, with CLI overrides applied)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc

@@ -1,0 +1,48 @@
+"""Run a grid of configurations (methods x seeds), each in its own folder, resumably.
+
+A cell whose `summary.json` says it finished is never re-run; a cell that was interrupted
+resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from neuroplast.data import load_dataset
+from neuroplast.train.config import RunConfig
+from neuroplast.train.trainer import train
+
+
+def cell_name(method: str, seed: int) -> str:
+    return f"{method}-seed{seed}"
+
+
+def is_finished(folder: Path, epochs: int) -> bool:
+    path = folder / "summary.json"
+    return path.is_file() and json.loads(path.read_text()).get("epochs") == epochs
+
+
+def run_grid(
+    base: RunConfig,
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    out: str | Path,
+    progress: bool = True,
+    log: Callable[[str], None] | None = print,
+) -> list[Path]:
+    """Train every (method, seed) cell of `base`; return the cell folders in grid order."""
+    out = Path(out)
+    configs = [replace(base, method=m, seed=s).validate() for m in methods for s in seeds]
+    folders = [out / cell_name(c.method, c.seed) for c in configs]
+    todo = [(c, f) for c, f in zip(configs, folders) if not is_finished(f, c.epochs)]
+    if log and len(todo) < len(configs):
+        log(f"{len(configs) - len(todo)} of {len(configs)} cells already finished in {out}; skipping them")
+    dataset = load_dataset(base.dataset, flatten=base.model == "mlp") if todo else None
+    for i, (config, folder) in enumerate(todo, 1):
+        if log:
+            log(f"[{i}/{len(todo)}] {folder.name}")
+        train(config, folder, resume=True, progress=progress, log=log, dataset=dataset)
+    return folders

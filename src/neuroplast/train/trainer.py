@@ -1,0 +1,361 @@
+"""The training loop: data, model, sparsity, DST engine, optimizer; metrics and checkpoints.
+
+`train(config, out)` runs one configuration and writes into `out`:
+config.toml, metrics.jsonl (one JSON object per epoch), summary.json and `checkpoint/`.
+With `resume=True` it continues from the last checkpoint in `out` and ends with the same
+metrics as an uninterrupted run of the same seed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neuroplast.data import BatchIterator, Dataset, load_dataset
+from neuroplast.dst import DSTEngine, preset
+from neuroplast.models import build_model
+from neuroplast.sparse import Topology, select_layers, sparsify
+from neuroplast.train.checkpoint import (
+    find_checkpoint,
+    join_optimizer_state,
+    load_checkpoint,
+    save_checkpoint,
+    split_optimizer_state,
+)
+from neuroplast.train.config import ConfigError, RunConfig
+
+EpochCallback = Callable[[dict], None]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
+    return torch.device(name)
+
+
+def build_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(),
+            lr=config.lr,
+            momentum=config.momentum,
+            nesterov=config.nesterov and config.momentum > 0,
+            weight_decay=config.weight_decay,
+        )
+    return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+
+def build_lr_schedule(config: RunConfig, optimizer: torch.optim.Optimizer):
+    """Stepped once per epoch."""
+    if config.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    if config.lr_schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step_size, gamma=config.lr_gamma)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+
+
+def layer_report(model: nn.Module, topology: Topology | None) -> list[dict]:
+    """Per-layer name, density, nnz of the sparse layers (all Linear/Conv2d layers when dense)."""
+    if topology is not None:
+        return [{"name": s.name, "density": s.density, "nnz": s.nnz} for s in topology.stats()]
+    return [
+        {"name": name, "density": 1.0, "nnz": m.weight.numel()} for name, m in select_layers(model).items()
+    ]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int = 1000):
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for xb, yb in BatchIterator(x, y, batch_size):
+        xb, yb = xb.to(device), yb.to(device)
+        logits = model(xb)
+        loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
+        correct += int((logits.argmax(1) == yb).sum())
+    return loss_sum / len(y), correct / len(y)
+
+
+class Run:
+    """Everything a training run holds; built from a config, saved to and restored from a checkpoint."""
+
+    def __init__(self, config: RunConfig, dataset: Dataset | None = None):
+        config.validate()
+        self.config = config
+        self.device = resolve_device(config.device)
+        seed_everything(config.seed)
+        self.data = dataset or load_dataset(config.dataset, flatten=config.model == "mlp")
+        self.model = build_model(
+            config.model, self.data.image_shape, self.data.num_classes, config.hidden, config.dropout
+        ).to(self.device)
+        self.topology: Topology | None = None
+        if config.method != "dense":
+            self.topology = sparsify(
+                self.model,
+                density=config.density,
+                distribution=config.distribution,
+                dense_first=config.dense_first,
+                dense_last=config.dense_last,
+                epsilon=config.epsilon,
+                backend=config.backend,
+                generator=torch.Generator().manual_seed(config.seed),
+            )
+        self.optimizer = build_optimizer(config, self.model)
+        self.lr_schedule = build_lr_schedule(config, self.optimizer)
+        self.shuffle = torch.Generator().manual_seed(config.seed + 1)
+        self.batches = BatchIterator(self.data.x_train, self.data.y_train, config.batch_size, True, self.shuffle)
+        self.engine: DSTEngine | None = None
+        if self.topology is not None:
+            self.topology.attach(self.optimizer)
+            algorithm = preset(
+                config.method,
+                fraction=config.drop_fraction,
+                update_every=config.update_every,
+                end_fraction=config.end_fraction,
+            )
+            steps_per_epoch = len(self.batches)
+            self.engine = DSTEngine(
+                self.topology, algorithm, config.epochs * steps_per_epoch, steps_per_epoch, seed=config.seed
+            )
+        self.epoch = 0
+        self.seconds = 0.0
+        self.best_accuracy = 0.0
+
+    # -- one epoch -------------------------------------------------------------------------------
+    def train_epoch(self, progress=None) -> tuple[float, float]:
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        seen = 0
+        task = progress.add_task(f"epoch {self.epoch + 1}/{self.config.epochs}", total=len(self.batches)) if progress else None
+        for i, (xb, yb) in enumerate(self.batches):
+            xb, yb = xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
+            logits = self.model(xb)
+            loss = F.cross_entropy(logits, yb)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            if self.engine is not None:
+                self.engine.step()
+            loss_sum += loss.detach() * len(yb)
+            correct += (logits.detach().argmax(1) == yb).sum()
+            seen += len(yb)
+            if task is not None and (i % 20 == 0 or i == len(self.batches) - 1):
+                progress.update(
+                    task,
+                    completed=i + 1,
+                    info=f"loss {loss_sum.item() / seen:.4f}  acc {correct.item() / seen:.4f}  density {self.density():.4f}",
+                )
+        if task is not None:
+            progress.remove_task(task)
+        self.lr_schedule.step()
+        return loss_sum.item() / seen, correct.item() / seen
+
+    def density(self) -> float:
+        return self.topology.density() if self.topology is not None else 1.0
+
+    def r_s(self) -> float:
+        return self.topology.r_s() if self.topology is not None else 1.0
+
+    def metrics(self, train_loss, train_acc, test_loss, test_acc, seconds, updates) -> dict:
+        return {
+            "epoch": self.epoch,
+            "train_loss": train_loss,
+            "train_accuracy": train_acc,
+            "test_loss": test_loss,
+            "test_accuracy": test_acc,
+            "density": self.density(),
+            "layers": layer_report(self.model, self.topology),
+            "r_s": self.r_s(),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "seconds": seconds,
+            "updates": updates,
+        }
+
+    # -- checkpoint ------------------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        optim_tensors, optim_rest = split_optimizer_state(self.optimizer)
+        tensors.update(optim_tensors)
+        tensors["rng.torch"] = torch.get_rng_state()
+        tensors["rng.shuffle"] = self.shuffle.get_state()
+        state = {
+            "epoch": self.epoch,
+            "seconds": self.seconds,
+            "best_accuracy": self.best_accuracy,
+            "config": asdict(self.config),
+            "optimizer": optim_rest,
+            "lr_schedule": self.lr_schedule.state_dict(),
+            "rng_python": _jsonable(random.getstate()),
+            "rng_numpy": _jsonable(np.random.get_state()),
+        }
+        if torch.cuda.is_available():
+            tensors["rng.cuda"] = torch.cuda.get_rng_state()
+        if self.engine is not None:
+            engine_state = self.engine.state_dict()
+            tensors["rng.engine"] = engine_state.pop("generator")
+            state["engine"] = engine_state
+        return tensors, state
+
+    def restore(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
+        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        self.optimizer.load_state_dict(join_optimizer_state(tensors, state["optimizer"]))
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        torch.set_rng_state(tensors["rng.torch"])
+        if "rng.cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["rng.cuda"])
+        self.shuffle.set_state(tensors["rng.shuffle"])
+        random.setstate(_tuples(state["rng_python"]))
+        np.random.set_state(_numpy_state(state["rng_numpy"]))
+        if self.engine is not None:
+            self.engine.load_state_dict({**state["engine"], "generator": tensors["rng.engine"]})
+        self.epoch = state["epoch"]
+        self.seconds = state["seconds"]
+        self.best_accuracy = state["best_accuracy"]
+
+
+def _jsonable(value):
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def _numpy_state(value):
+    kind, keys, pos, has_gauss, cached = value
+    return kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+        transient=True,
+    )
+
+
+def train(
+    config: RunConfig,
+    out: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = print,
+    on_epoch_end: EpochCallback | None = None,
+    dataset: Dataset | None = None,
+) -> dict:
+    """Train one configuration; return the summary (also written to `out/summary.json`).
+
+    on_epoch_end(metrics) is called after each epoch's checkpoint is written.
+    """
+    run = Run(config, dataset)
+    out = Path(out) if out is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        checkpoint = find_checkpoint(out)
+        if checkpoint is not None and not resume:
+            raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+        if checkpoint is not None:
+            tensors, state = load_checkpoint(checkpoint)
+            if state["config"] != asdict(config):
+                changed = sorted(k for k, v in asdict(config).items() if state["config"].get(k) != v)
+                raise ConfigError(
+                    f"{out} holds a run with a different configuration (changed: {', '.join(changed)}); "
+                    "use another --out"
+                )
+            run.restore(tensors, state)
+            if log:
+                log(f"resuming {out} after epoch {run.epoch}")
+        _truncate_metrics(out / "metrics.jsonl", run.epoch)
+        (out / "config.toml").write_text(config.to_toml())
+    history = _read_metrics(out / "metrics.jsonl") if out is not None else []
+    if log and run.epoch == 0:
+        log(f"{config.method} on {run.data.name} ({run.data.origin}): {config.model}, density {run.density():.4f}")
+    bar = _progress(progress)
+    if bar is not None:
+        bar.start()
+    try:
+        while run.epoch < config.epochs:
+            start = time.perf_counter()
+            updates_before = len(run.engine.history) if run.engine else 0
+            train_loss, train_acc = run.train_epoch(bar)
+            test_loss, test_acc = evaluate(run.model, run.data.x_test, run.data.y_test, run.device)
+            seconds = time.perf_counter() - start
+            run.epoch += 1
+            run.seconds += seconds
+            run.best_accuracy = max(run.best_accuracy, test_acc)
+            updates = [asdict(r) for r in run.engine.history[updates_before:]] if run.engine else []
+            record = run.metrics(train_loss, train_acc, test_loss, test_acc, seconds, updates)
+            history.append(record)
+            if out is not None:
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                save_checkpoint(out, *run.state())
+            if log:
+                log(
+                    f"epoch {run.epoch:>3}/{config.epochs}  train_loss {train_loss:.4f}  test_loss {test_loss:.4f}  "
+                    f"test_acc {test_acc:.4f}  density {record['density']:.4f}  r_s {record['r_s']:.3f}  {seconds:.1f}s"
+                )
+            if on_epoch_end is not None:
+                on_epoch_end(record)
+    finally:
+        if bar is not None:
+            bar.stop()
+    summary = {
+        "config": asdict(config),
+        "dataset_origin": run.data.origin,
+        "final_test_accuracy": history[-1]["test_accuracy"] if history else None,
+        "best_test_accuracy": max((r["test_accuracy"] for r in history), default=None),
+        "final_density": run.density(),
+        "final_r_s": run.r_s(),
+        "epochs": run.epoch,
+        "seconds": run.seconds,
+    }
+    if out is not None:
+        _write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _truncate_metrics(path: Path, epoch: int) -> None:
+    """Keep only the records of epochs the checkpoint covers (a crash may have left one more)."""
+    kept = [r for r in _read_metrics(path) if r["epoch"] <= epoch]
+    _write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -1,0 +1,177 @@
+"""Data loading: exact on-disk formats written by the test, checksums, errors, batching."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import pickle
+import struct
+import tarfile
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from neuroplast.data import BatchIterator, DataError, load_dataset, parse_idx, read_cifar10_tarball
+from neuroplast.data import sources
+from neuroplast.data.datasets import is_available_offline, load_idx_folder
+from neuroplast.data.sources import FASHION_MNIST, MNIST, RemoteFile, Source, fetch
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """The IDX format: two zero bytes, type code 0x08 (uint8), ndim, big-endian dims, data."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_idx_folder(folder: Path, n_train=12, n_test=6, seed=0) -> tuple[np.ndarray, ...]:
+    rng = np.random.default_rng(seed)
+    arrays = (
+        rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        rng.integers(0, 10, n_train, dtype=np.uint8),
+        rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        rng.integers(0, 10, n_test, dtype=np.uint8),
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    for f, array in zip(MNIST.files, arrays):
+        (folder / f.name).write_bytes(gzip.compress(idx_bytes(array)))
+    return arrays
+
+
+def test_idx_roundtrip_exact_format(tmp_path):
+    written = write_idx_folder(tmp_path)
+    loaded = load_idx_folder(tmp_path, MNIST, check=False)
+    for a, b in zip(written, loaded):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_idx_rejects_bad_magic_and_truncation():
+    good = idx_bytes(np.zeros((3, 2, 2), np.uint8))
+    with pytest.raises(DataError, match="bad magic"):
+        parse_idx(b"\x01\x02" + good[2:], "f.idx")
+    with pytest.raises(DataError, match="f.idx is truncated"):
+        parse_idx(good[:-1], "f.idx")
+
+
+def test_truncated_gzip_names_the_file(tmp_path):
+    write_idx_folder(tmp_path)
+    victim = tmp_path / "train-images-idx3-ubyte.gz"
+    victim.write_bytes(victim.read_bytes()[:50])
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz"):
+        load_idx_folder(tmp_path, MNIST, check=False)
+
+
+def test_checksum_mismatch_in_cache_is_reported_and_file_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("NEUROPLAST_DATA", str(tmp_path))
+    write_idx_folder(tmp_path / "mnist")
+    victim = tmp_path / "mnist" / "train-images-idx3-ubyte.gz"
+    before = victim.read_bytes()
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte\.gz.*sha256 mismatch"):
+        load_dataset("mnist", download=False, progress=False)
+    assert victim.read_bytes() == before  # nothing overwritten
+
+
+def test_not_found_offline_names_three_ways(tmp_path, monkeypatch):
+    monkeypatch.setenv("NEUROPLAST_DATA", str(tmp_path))
+    no_system_copy = Source("fashion-mnist", FASHION_MNIST.base_urls, FASHION_MNIST.files, system_dirs=())
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("network unreachable")
+
+    monkeypatch.setattr(sources.urllib.request, "urlopen", offline)
+    with pytest.raises(DataError) as err:
+        fetch(no_system_copy, download=True, progress=False)
+    message = str(err.value)
+    assert "(1) download" in message and "NEUROPLAST_DATA" in message and "dataset-fashion-mnist" in message
+    assert "\n" not in message
+    assert not any(tmp_path.rglob("*.part")), "a failed download must not leave files behind"
+
+
+def test_download_is_verified_before_it_lands(tmp_path, monkeypatch):
+    monkeypatch.setenv("NEUROPLAST_DATA", str(tmp_path))
+    payload = b"hello dataset"
+    good = Source("toy", ("https://example.invalid/",), (RemoteFile("a.bin", hashlib.sha256(payload).hexdigest()),))
+    bad = Source("toy2", ("https://example.invalid/",), (RemoteFile("a.bin", "0" * 64),))
+
+    def fake_download(url, dest, progress):
+        Path(dest).write_bytes(payload)
+
+    monkeypatch.setattr(sources, "_download", fake_download)
+    assert fetch(good, progress=False) == {"a.bin": payload}
+    assert (tmp_path / "toy" / "a.bin").read_bytes() == payload
+    with pytest.raises(DataError, match="sha256 mismatch"):
+        fetch(bad, progress=False)
+    assert not (tmp_path / "toy2" / "a.bin").exists()
+
+
+def test_recompressed_copy_accepted_by_content_hash(tmp_path):
+    content = b"same content, other gzip header"
+    entry = RemoteFile("x.gz", "f" * 64, hashlib.sha256(content).hexdigest())
+    path = tmp_path / "x.gz"
+    path.write_bytes(gzip.compress(content, mtime=123))
+    assert sources.verify(path, entry) == path.read_bytes()
+
+
+def cifar_tarball(n_per_batch=4, seed=0) -> tuple[bytes, list[np.ndarray]]:
+    """A tiny tarball in the exact layout of the official cifar-10-python.tar.gz."""
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    batches = []
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            data = rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8)
+            labels = rng.integers(0, 10, n_per_batch).tolist()
+            batches.append((data, labels))
+            blob = pickle.dumps({b"batch_label": name.encode(), b"labels": labels, b"data": data, b"filenames": []})
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return buffer.getvalue(), batches
+
+
+def test_cifar10_tarball_format():
+    raw, batches = cifar_tarball()
+    x_train, y_train, x_test, y_test = read_cifar10_tarball(raw, "cifar-10-python.tar.gz")
+    assert x_train.shape == (20, 3, 32, 32) and x_test.shape == (4, 3, 32, 32)
+    np.testing.assert_array_equal(x_train[4].reshape(-1), batches[1][0][0])  # first image of batch 2
+    assert y_test.tolist() == batches[5][1]
+    with pytest.raises(DataError, match="cifar-10-python.tar.gz is truncated"):
+        read_cifar10_tarball(raw[: len(raw) // 2], "cifar-10-python.tar.gz")
+
+
+def test_digits_is_offline_normalised_and_fixed():
+    a = load_dataset("digits", flatten=True)
+    b = load_dataset("digits", flatten=True)
+    assert is_available_offline("digits")
+    assert a.x_train.shape[1] == 64 and a.num_classes == 10 and a.image_shape == (1, 8, 8)
+    assert len(a.x_train) + len(a.x_test) == 1797
+    assert abs(float(a.x_train.mean())) < 1e-4 and abs(float(a.x_train.std()) - 1) < 1e-2
+    assert torch.equal(a.x_test, b.x_test) and torch.equal(a.y_train, b.y_train)
+
+
+def test_unknown_dataset_lists_choices():
+    with pytest.raises(DataError, match="unknown dataset 'foo'; choose from: digits, mnist, fashion-mnist, cifar10"):
+        load_dataset("foo")
+
+
+def test_batch_iterator_covers_every_sample_once_and_is_seeded():
+    x = torch.arange(103).float().unsqueeze(1)
+    y = torch.arange(103)
+    batches = list(BatchIterator(x, y, 10, shuffle=True, generator=torch.Generator().manual_seed(0)))
+    assert len(batches) == 11 and len(batches[-1][0]) == 3
+    seen = torch.cat([b[1] for b in batches])
+    assert sorted(seen.tolist()) == list(range(103))
+    assert all(torch.equal(bx.squeeze(1).long(), by) for bx, by in batches)
+    again = list(BatchIterator(x, y, 10, shuffle=True, generator=torch.Generator().manual_seed(0)))
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(batches, again))
+
+
+@pytest.mark.skipif(not is_available_offline("fashion-mnist"), reason="Fashion-MNIST not installed")
+def test_real_fashion_mnist_verifies_and_loads():
+    data = load_dataset("fashion-mnist", flatten=True, download=False, progress=False)
+    assert data.x_train.shape == (60000, 784) and data.x_test.shape == (10000, 784)
+    assert torch.bincount(data.y_train).tolist() == [6000] * 10
+    assert torch.bincount(data.y_test).tolist() == [1000] * 10

@@ -1,0 +1,138 @@
+"""The trainer: run folder contents, checkpoints, kill-and-resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from neuroplast.train import ConfigError, RunConfig, train
+from neuroplast.train import checkpoint as ckpt
+from neuroplast.train.checkpoint import find_checkpoint, load_checkpoint
+
+
+def small(method="set", **overrides) -> RunConfig:
+    values = dict(dataset="digits", method=method, hidden=[64, 64], epochs=4, batch_size=64, density=0.1, lr=0.05)
+    values.update(overrides)
+    return RunConfig(**values)
+
+
+def metrics(folder: Path) -> list[dict]:
+    records = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
+    for r in records:
+        r.pop("seconds")
+    return records
+
+
+def test_run_folder_contents(tmp_path):
+    summary = train(small(), tmp_path, progress=False, log=None)
+    assert (tmp_path / "config.toml").is_file() and (tmp_path / "summary.json").is_file()
+    records = metrics(tmp_path)
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    for r in records:
+        assert 0.0 <= r["test_accuracy"] <= 1.0 and r["train_loss"] > 0 and r["test_loss"] > 0
+        assert r["density"] == pytest.approx(0.1, abs=1e-3)
+        assert {"name", "density", "nnz"} <= set(r["layers"][0])
+        assert 0 < r["r_s"] <= 1
+    assert sum(len(r["updates"]) for r in records) == 3  # SET: after each epoch but the last
+    update = records[0]["updates"][0]["layers"][0]
+    assert {"live", "dropped", "grown", "r_s"} <= set(update)
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["final_test_accuracy"] == records[-1]["test_accuracy"] == summary["final_test_accuracy"]
+    assert saved["best_test_accuracy"] == max(r["test_accuracy"] for r in records)
+    assert saved["config"]["method"] == "set" and saved["seconds"] > 0
+
+
+def test_digits_learns():
+    summary = train(small("rigl", epochs=8, update_every=5), None, progress=False, log=None)
+    assert summary["final_test_accuracy"] > 0.85
+
+
+@pytest.mark.parametrize("method,extra", [("set", {}), ("rigl", {"update_every": 7}), ("dense", {"optimizer": "adamw", "lr": 0.003})])
+def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, method, extra):
+    config = small(method, dropout=0.2, **extra)  # dropout: the global RNG must be restored too
+    train(config, tmp_path / "straight", progress=False, log=None)
+
+    class Killed(Exception):
+        pass
+
+    def crash_after_epoch_2(record):
+        if record["epoch"] == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(config, tmp_path / "resumed", progress=False, log=None, on_epoch_end=crash_after_epoch_2)
+    assert not (tmp_path / "resumed" / "summary.json").exists()
+    train(config, tmp_path / "resumed", resume=True, progress=False, log=None)
+    assert metrics(tmp_path / "resumed") == metrics(tmp_path / "straight")
+
+
+def test_resume_refuses_a_changed_config_and_fresh_run_refuses_an_existing_folder(tmp_path):
+    train(small(epochs=1), tmp_path, progress=False, log=None)
+    with pytest.raises(ConfigError, match="different configuration \\(changed: epochs\\)"):
+        train(small(epochs=2), tmp_path, resume=True, progress=False, log=None)
+    with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
+        train(small(epochs=1), tmp_path, progress=False, log=None)
+
+
+def test_a_crash_while_checkpointing_leaves_the_last_good_one(tmp_path, monkeypatch):
+    train(small(epochs=1), tmp_path, progress=False, log=None)
+    good_tensors, good_state = load_checkpoint(find_checkpoint(tmp_path))
+    calls = {"n": 0}
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        calls["n"] += 1
+        if calls["n"] == 2:  # after the old checkpoint was moved aside, before the new one lands
+            raise OSError("disk full")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_checkpoint(tmp_path, {"x": torch.zeros(3)}, {"epoch": 99})
+    found = find_checkpoint(tmp_path)
+    assert found is not None
+    tensors, state = load_checkpoint(found)
+    assert state == good_state and set(tensors) == set(good_tensors)
+
+
+def test_killed_process_resumes_to_the_same_metrics(tmp_path):
+    """A real SIGKILL mid-run (not a polite exception), then `--resume`."""
+    args = [sys.executable, "-m", "neuroplast", "train", "--dataset", "digits", "--method", "rigl",
+            "--hidden", "256,256", "--epochs", "12", "--batch-size", "16", "--update-every", "20",
+            "--density", "0.1", "--quiet"]
+    subprocess.run([*args, "--out", str(tmp_path / "straight")], check=True, capture_output=True)
+    victim = subprocess.Popen([*args, "--out", str(tmp_path / "killed")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics_file = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and victim.poll() is None:
+        if metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (tmp_path / "killed" / "summary.json").exists(), "the run finished before it could be killed"
+    subprocess.run([*args, "--out", str(tmp_path / "killed"), "--resume"], check=True, capture_output=True)
+    assert metrics(tmp_path / "killed") == metrics(tmp_path / "straight")
+
+
+def test_cnn_trains_sparse(tmp_path):
+    summary = train(small("set", model="cnn", epochs=2, density=0.3), tmp_path, progress=False, log=None)
+    assert summary["final_density"] == pytest.approx(0.3, abs=1e-3)
+    layers = metrics(tmp_path)[-1]["layers"]
+    assert {l["name"] for l in layers} == {"features.0", "features.3", "classifier.1", "classifier.4"}
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="Fashion-MNIST not installed")
+def test_real_fashion_mnist_one_epoch_sparse(tmp_path):
+    config = RunConfig(dataset="fashion-mnist", method="rigl", hidden=[256, 256], epochs=1, density=0.1)
+    summary = train(config, tmp_path, progress=False, log=None)
+    assert summary["final_test_accuracy"] > 0.78
+    assert summary["final_density"] == pytest.approx(0.1, abs=1e-4)
