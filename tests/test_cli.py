@@ -31,6 +31,12 @@ def run(capsys, *argv):
         (["--epochs", "many"], "argument --epochs: invalid int value: 'many'"),
         (["--optimizer", "lion"], "unknown optimizer 'lion'; choose from: sgd, adamw"),
         (["--distribution", "gauss"], "unknown distribution 'gauss'; choose from: uniform, er, erk"),
+        (["--device", "tpu"], "unknown device 'tpu'; choose from: cpu, cuda, auto"),
+        (["--seed", "-1"], "seed -1 must be in [0, 2**32)"),
+        (["--lr", "nan"], "lr nan must be a finite number"),
+        (["--distribution", "er", "--epsilon", "-5"], "epsilon -5.0 must be > 0"),
+        (["--epsilon", "5"], "epsilon is only used with distribution 'er'"),
+        (["--dense-first", "--dense-last", "--hidden", "16"], "no layer left to sparsify"),
     ],
 )
 def test_bad_values_exit_2_with_one_line(capsys, tmp_path, argv, expected):
@@ -39,6 +45,12 @@ def test_bad_values_exit_2_with_one_line(capsys, tmp_path, argv, expected):
     assert expected in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_out_is_a_file(capsys, tmp_path):
+    (tmp_path / "f").write_text("")
+    code, _, err = run(capsys, "train", "--out", str(tmp_path / "f"), "--epochs", "1")
+    assert code == 2 and "is a file, not a folder" in err
 
 
 def test_bad_config_files(capsys, tmp_path):
@@ -52,6 +64,10 @@ def test_bad_config_files(capsys, tmp_path):
     unknown.write_text('dataset = "digits"\nlearning_rate = 0.1\n')
     code, _, err = run(capsys, "train", "--out", str(tmp_path / "r"), "--config", str(unknown))
     assert code == 2 and "unknown key 'learning_rate'" in err and "valid keys: dataset, model" in err
+    typed = tmp_path / "typed.toml"
+    typed.write_text("hidden = [16, true]\n")
+    code, _, err = run(capsys, "train", "--out", str(tmp_path / "r"), "--config", str(typed))
+    assert code == 2 and "hidden [16, True] must be a non-empty list of positive integers" in err
 
 
 def test_config_file_with_cli_override(capsys, tmp_path):
@@ -82,6 +98,10 @@ def test_compare_writes_table_and_figure_and_skips_finished_cells(capsys, tmp_pa
     assert (tmp_path / "learning_curves.png").stat().st_size > 1000
     code, out, err = run(capsys, *argv)
     assert code == 0 and "4 of 4 cells already finished" in out
+    changed = [a if a != "0.2" else "0.5" for a in argv]
+    code, out, err = run(capsys, *changed)  # a changed config is not a finished cell: refused, nothing lost
+    assert code == 2 and "different configuration (changed: density)" in err
+    assert "| set | 0.200 | 2 |" in (tmp_path / "results.md").read_text()
     code, _, err = run(capsys, "compare", "--methods", "set,nope", "--out", str(tmp_path / "x"))
     assert code == 2 and "unknown method 'nope'" in err
 

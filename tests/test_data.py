@@ -74,9 +74,11 @@ def test_checksum_mismatch_in_cache_is_reported_and_file_kept(tmp_path, monkeypa
     assert victim.read_bytes() == before  # nothing overwritten
 
 
-def test_not_found_offline_names_three_ways(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dataset", ["fashion-mnist", "mnist", "cifar10"])
+def test_not_found_offline_names_three_ways(tmp_path, monkeypatch, dataset):
     monkeypatch.setenv("NEUROPLAST_DATA", str(tmp_path))
-    no_system_copy = Source("fashion-mnist", FASHION_MNIST.base_urls, FASHION_MNIST.files, system_dirs=())
+    source = sources.SOURCES[dataset]
+    no_system_copy = Source(dataset, source.base_urls, source.files, system_dirs=())
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("network unreachable")
@@ -85,7 +87,10 @@ def test_not_found_offline_names_three_ways(tmp_path, monkeypatch):
     with pytest.raises(DataError) as err:
         fetch(no_system_copy, download=True, progress=False)
     message = str(err.value)
-    assert "(1) download" in message and "NEUROPLAST_DATA" in message and "dataset-fashion-mnist" in message
+    ways = message.split("(1) ")[1]
+    assert "(2) set NEUROPLAST_DATA" in ways and "(3) " in ways and "network unreachable" in message
+    third = ways.split("(3) ")[1]
+    assert ("dataset-fashion-mnist" in third) == (dataset == "fashion-mnist")
     assert "\n" not in message
     assert not any(tmp_path.rglob("*.part")), "a failed download must not leave files behind"
 
@@ -105,6 +110,19 @@ def test_download_is_verified_before_it_lands(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="sha256 mismatch"):
         fetch(bad, progress=False)
     assert not (tmp_path / "toy2" / "a.bin").exists()
+
+
+def test_a_bad_mirror_falls_back_to_the_next(tmp_path, monkeypatch):
+    monkeypatch.setenv("NEUROPLAST_DATA", str(tmp_path))
+    payload = b"the real bytes"
+    source = Source("toy", ("https://bad.invalid/", "https://good.invalid/"),
+                    (RemoteFile("a.bin", hashlib.sha256(payload).hexdigest()),))
+
+    def fake_download(url, dest, progress):
+        Path(dest).write_bytes(b"tampered" if "bad" in url else payload)
+
+    monkeypatch.setattr(sources, "_download", fake_download)
+    assert fetch(source, progress=False) == {"a.bin": payload}
 
 
 def test_recompressed_copy_accepted_by_content_hash(tmp_path):

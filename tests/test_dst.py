@@ -131,6 +131,7 @@ def test_rigl_engine_uses_the_dense_gradient_of_the_update_step():
         updated = engine.step()
     assert updated
     record = engine.history[-1]
+    assert record.layers[0].grown > 0
     n = math.floor(engine.schedule.fraction_at(3) * int(before.sum()))
     grown = (layer.weight_mask & ~before).view(-1).nonzero().squeeze(1)
     # every newly grown position is among the top-|grad| positions empty after the drop
@@ -157,17 +158,36 @@ def test_a_just_dropped_position_regrown_is_kept_with_value_and_state():
         weakest = int(live[0])
         layer.weight.view(-1)[weakest] = 1e-9  # surely dropped
     # the dense gradient is huge exactly there, so it is also the first position regrown
-    grad = torch.zeros_like(layer.weight)
+    # empty positions get gradients in [1, 2); live ones 0, except `weakest`, whose is huge
+    grad = (1 + torch.rand(layer.weight.shape, generator=gen(9))) * ~layer.weight_mask
     grad.view(-1)[weakest] = 1e6
     topology.dense_grads = {n: torch.zeros_like(l.weight) for n, l in topology.layers.items()}
     topology.dense_grads["features.0"] = grad
     momentum_before = optimizer.state[layer.weight]["momentum_buffer"].view(-1)[weakest].item()
+    assert momentum_before != 0
+    nnz = int(layer.weight_mask.sum())
     engine.step()
     assert layer.weight_mask.view(-1)[weakest]
     assert layer.weight.view(-1)[weakest].item() == pytest.approx(1e-9)
     assert optimizer.state[layer.weight]["momentum_buffer"].view(-1)[weakest].item() == momentum_before
     record = engine.history[-1].layers[0]
-    assert record.dropped == record.grown  # the kept one is counted as neither
+    n = math.floor(engine.schedule.fraction_at(1) * nnz)
+    assert record.dropped == record.grown == n - 1  # the kept one is counted as neither
+
+
+def test_set_regrowth_of_a_just_dropped_position_is_a_new_connection():
+    """SET (unlike RigL) gives a regrown position the grown init (0) and fresh state."""
+    torch.manual_seed(0)
+    layer = nn.Linear(10, 10)
+    topology = sparsify(layer, 0.5, "uniform", rescale_init=False, generator=gen(0))
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(10, 10, generator=gen(1)) * layer.weight_mask)
+    nnz = int(layer.weight_mask.sum())
+    engine = DSTEngine(topology, preset("set", fraction=1.0, update_every=1), total_steps=10, steps_per_epoch=1)
+    record = engine.update().layers[0]
+    assert record.dropped == record.grown == nnz  # zeta = 1 drops every live weight
+    assert int(layer.weight_mask.sum()) == nnz
+    assert torch.all(layer.weight == 0)  # all regrown ones start at 0, none kept its old value
 
 
 def test_changed_positions_get_their_optimizer_state_reset():

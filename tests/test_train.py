@@ -50,6 +50,14 @@ def test_run_folder_contents(tmp_path):
     assert saved["config"]["method"] == "set" and saved["seconds"] > 0
 
 
+def test_progress_bar_renders(capsys, monkeypatch):
+    """The rich progress bar, rendered as on a terminal, from the first batch on."""
+    monkeypatch.setenv("FORCE_COLOR", "1")  # rich treats the captured stdout as a terminal
+    train(small(epochs=2, batch_size=8), None, progress=True, log=None)
+    out = capsys.readouterr().out
+    assert "epoch 2/2" in out and "density 0.1" in out
+
+
 def test_digits_learns():
     summary = train(small("rigl", epochs=8, update_every=5), None, progress=False, log=None)
     assert summary["final_test_accuracy"] > 0.85
@@ -80,6 +88,39 @@ def test_resume_refuses_a_changed_config_and_fresh_run_refuses_an_existing_folde
         train(small(epochs=2), tmp_path, resume=True, progress=False, log=None)
     with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
         train(small(epochs=1), tmp_path, progress=False, log=None)
+
+
+def test_resume_survives_a_line_cut_off_mid_append(tmp_path):
+    config = small(epochs=3)
+
+    def crash_after_epoch_1(record):
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "r", progress=False, log=None, on_epoch_end=crash_after_epoch_1)
+    with open(tmp_path / "r" / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 2, "train_lo')  # a SIGKILL during the append
+    train(config, tmp_path / "r", resume=True, progress=False, log=None)
+    train(config, tmp_path / "straight", progress=False, log=None)
+    assert metrics(tmp_path / "r") == metrics(tmp_path / "straight")
+
+
+def test_checkpoint_swap_never_loses_the_only_good_checkpoint(tmp_path):
+    """A crash left only `checkpoint.old` (mid-swap); the next save must not delete it first."""
+    ckpt.save_checkpoint(tmp_path, {"x": torch.ones(2)}, {"epoch": 1})
+    os.replace(tmp_path / "checkpoint", tmp_path / "checkpoint.old")
+    assert load_checkpoint(find_checkpoint(tmp_path))[1] == {"epoch": 1}
+    ckpt.save_checkpoint(tmp_path, {"x": torch.zeros(2)}, {"epoch": 2})
+    assert load_checkpoint(find_checkpoint(tmp_path))[1] == {"epoch": 2}
+    assert not (tmp_path / "checkpoint.old").exists()
+
+
+def test_a_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    train(small(epochs=1), tmp_path, progress=False, log=None)
+    (tmp_path / "checkpoint" / "tensors.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ConfigError, match="checkpoint .* is unreadable"):
+        train(small(epochs=1), tmp_path, resume=True, progress=False, log=None)
 
 
 def test_a_crash_while_checkpointing_leaves_the_last_good_one(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ from neuroplast import __version__
 from neuroplast.data import DataError, is_available_offline
 from neuroplast.dst import METHODS
 from neuroplast.train import ConfigError, RunConfig, load_toml
+from neuroplast.train.config import field_kind
 
 DEMO_METHODS = ("dense", "static", "set", "rigl")
 
@@ -22,15 +23,6 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _field_type(annotation) -> type:
-    """The scalar type behind `int | None`, `list[int]`, ... (annotations are strings here)."""
-    text = str(annotation)
-    for name, kind in (("list[int]", list), ("bool", bool), ("int", int), ("float", float), ("str", str)):
-        if text.startswith(name):
-            return kind
-    raise TypeError(f"unsupported config field type {annotation!r}")
 
 
 def _int_list(text: str) -> list[int]:
@@ -65,7 +57,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--config", metavar="FILE", help="TOML file with any of the keys below")
     for f in fields(RunConfig):
         flag = "--" + f.name.replace("_", "-")
-        kind = _field_type(f.type)
+        kind = field_kind(f.type)
         default = f.default if not callable(f.default_factory) else f.default_factory()
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
         help_text = HELP.get(f.name, f.name.replace("_", " ")) + f" (default: {shown})"

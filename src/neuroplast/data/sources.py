@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import os
 import shutil
 import tempfile
@@ -133,14 +134,15 @@ def find_local(source: Source) -> Path | None:
 
 
 def _not_found_message(source: Source, reason: str) -> str:
+    files = ", ".join(f.name for f in source.files)
     ways = [
-        f"download it (needs internet): neuroplast fetches {source.base_urls[0]} into {data_root() / source.dataset}",
-        f"put the files ({', '.join(f.name for f in source.files)}) in $NEUROPLAST_DATA/{source.dataset}",
+        f"connect to the internet: neuroplast downloads {source.base_urls[0]} into {data_root() / source.dataset}",
+        f"set NEUROPLAST_DATA to a folder holding {source.dataset}/ with {files}",
     ]
     if source.dataset == "fashion-mnist":
         ways.append("install Debian's package: apt-get install dataset-fashion-mnist")
     else:
-        ways.append(f"copy them into {data_root() / source.dataset} by hand")
+        ways.append(f"copy {files} into the default cache folder {Path.home() / '.cache' / 'neuroplast' / source.dataset}")
     return f"{source.dataset} not found ({reason}); provide it one of three ways: " + "; ".join(
         f"({i}) {w}" for i, w in enumerate(ways, 1)
     )
@@ -162,6 +164,27 @@ def _download(url: str, dest: Path, progress: bool) -> None:
             shutil.copyfileobj(response, out, 1 << 20)
 
 
+def _download_verified(source: Source, f: RemoteFile, path: Path, progress: bool) -> bytes:
+    """Try each mirror in turn; a file lands at `path` only once its checksum matches."""
+    errors = []
+    for base in source.base_urls:
+        fd, tmp = tempfile.mkstemp(prefix=f.name, suffix=".part", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
+        try:
+            _download(base + f.name, tmp_path, progress)
+            raw = verify(tmp_path, f)
+            os.replace(tmp_path, path)
+            return raw
+        except (urllib.error.URLError, http.client.HTTPException, TimeoutError, OSError) as exc:
+            errors.append(f"{base + f.name}: {getattr(exc, 'reason', None) or exc}")
+        except DataError as exc:  # a mirror served bad bytes: try the next one
+            errors.append(f"{base + f.name}: {exc}")
+        finally:
+            tmp_path.unlink(missing_ok=True)
+    raise DataError(_not_found_message(source, "download failed: " + "; ".join(errors)))
+
+
 def fetch(source: Source, download: bool = True, progress: bool = True) -> dict[str, bytes]:
     """Verified bytes of every file of `source`, from a local copy or (if allowed) a download."""
     folder = find_local(source)
@@ -177,21 +200,5 @@ def fetch(source: Source, download: bool = True, progress: bool = True) -> dict[
         if path.exists():  # some files cached earlier: check them, never replace them
             result[f.name] = verify(path, f)
             continue
-        fd, tmp = tempfile.mkstemp(prefix=f.name, suffix=".part", dir=target)
-        os.close(fd)
-        tmp_path = Path(tmp)
-        try:
-            errors = []
-            for base in source.base_urls:
-                try:
-                    _download(base + f.name, tmp_path, progress)
-                    break
-                except (urllib.error.URLError, TimeoutError, OSError) as exc:
-                    errors.append(f"{base + f.name}: {getattr(exc, 'reason', exc)}")
-            else:
-                raise DataError(_not_found_message(source, "download failed: " + "; ".join(errors)))
-            result[f.name] = verify(tmp_path, f)
-            os.replace(tmp_path, path)
-        finally:
-            tmp_path.unlink(missing_ok=True)
+        result[f.name] = _download_verified(source, f, path, progress)
     return result

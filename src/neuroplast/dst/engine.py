@@ -13,8 +13,9 @@ Use it in a plain PyTorch loop::
         engine.step()   # counts the step; rewires the topology when the schedule says so
 
 On an update step the engine drops, grows, zeroes dropped weights, initialises grown ones and
-resets the optimizer state at every changed position. A just-dropped position that is regrown
-in the same update counts as kept: value and optimizer state unchanged (as RigL's reference).
+resets the optimizer state at every changed position. Growth may pick a just-dropped position:
+for RigL (`regrown_is_kept`) it then counts as kept, value and optimizer state unchanged, as in
+RigL's reference code; for SET it is a new connection (value 0, fresh state).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class Algorithm:
     end_fraction: float = 1.0
     fraction: float = 0.3
     anneal: str = "constant"
+    regrown_is_kept: bool = False  # RigL: a just-dropped position regrown is kept unchanged
 
     @property
     def rewires(self) -> bool:
@@ -126,9 +128,10 @@ class DSTEngine:
                 candidates.view(-1)[dropped] = False
                 signals = LayerSignals(weight=weight, dense_grad=self.topology.dense_grads.get(name))
                 grown = grow(signals, ~candidates, dropped.numel(), self.generator)
-                regrown = torch.isin(grown, dropped)
-                dropped = dropped[~torch.isin(dropped, grown)]
-                grown = grown[~regrown]
+                if self.algorithm.regrown_is_kept:
+                    regrown = torch.isin(grown, dropped)
+                    dropped = dropped[~torch.isin(dropped, grown)]
+                    grown = grown[~regrown]
                 self._rewire(name, dropped, grown)
             record.layers.append(
                 LayerUpdate(name, int(mask.sum()), dropped.numel(), grown.numel(), self.topology.layer_r_s(name))

@@ -93,4 +93,13 @@ def layer_counts(shapes: Mapping[str, Sequence[int]], densities: Mapping[str, fl
         if counts[name] < sizes[name]:
             counts[name] += 1
             missing -= 1
-    return {name: max(1, k) for name, k in counts.items()}
+    # Every layer keeps at least one weight; take any excess back from the largest layers.
+    counts = {name: max(1, k) for name, k in counts.items()}
+    excess = sum(counts.values()) - round(sum(target.values()))
+    for name in sorted(shapes, key=lambda n: counts[n], reverse=True):
+        if excess <= 0:
+            break
+        take = min(excess, counts[name] - 1)
+        counts[name] -= take
+        excess -= take
+    return counts

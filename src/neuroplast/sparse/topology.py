@@ -118,7 +118,8 @@ def select_layers(
     dense_last: bool = False,
 ) -> dict[str, nn.Module]:
     """The Linear/Conv2d layers to sparsify, by fnmatch patterns on module names."""
-    candidates = [(name, m) for name, m in model.named_modules() if isinstance(m, SPARSE_LAYER_TYPES)]
+    # A model that is itself one layer has the empty name; call it "model" in reports.
+    candidates = [(name or "model", m) for name, m in model.named_modules() if isinstance(m, SPARSE_LAYER_TYPES)]
     if not candidates:
         raise ValueError("the model has no nn.Linear or nn.Conv2d layer to sparsify")
     first, last = candidates[0][0], candidates[-1][0]

@@ -32,12 +32,23 @@ def save_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], state: dict)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     _fsync_write(partial / "tensors.safetensors", lambda p: save_file(tensors, str(p)))
     _fsync_write(partial / "state.json", lambda p: p.write_text(json.dumps(state)))
-    shutil.rmtree(previous, ignore_errors=True)
+    # Only set the old checkpoint aside when there is a current one: if a crash left just
+    # `checkpoint.old`, it stays until the new checkpoint has landed.
     if current.exists():
+        shutil.rmtree(previous, ignore_errors=True)
         os.replace(current, previous)
     os.replace(partial, current)
+    _fsync_dir(folder)
     shutil.rmtree(previous, ignore_errors=True)
     return current
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def find_checkpoint(folder: Path) -> Path | None:
@@ -48,8 +59,16 @@ def find_checkpoint(folder: Path) -> Path | None:
     return None
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read; the message names it."""
+
+
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    return load_file(str(Path(path) / "tensors.safetensors")), json.loads((Path(path) / "state.json").read_text())
+    path = Path(path)
+    try:
+        return load_file(str(path / "tensors.safetensors")), json.loads((path / "state.json").read_text())
+    except Exception as exc:  # safetensors raises its own error type; report any failure the same way
+        raise CheckpointError(f"checkpoint {path} is unreadable ({exc}); remove it to start over") from exc
 
 
 def split_optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -19,6 +20,23 @@ DEVICES = ("cpu", "cuda", "auto")
 
 class ConfigError(ValueError):
     """Bad configuration value; the message names it and the valid choices."""
+
+
+def field_kind(annotation) -> type:
+    """The type behind a RunConfig annotation (`int | None` -> int, `list[int]` -> list)."""
+    text = str(annotation)
+    for name, kind in (("list[int]", list), ("bool", bool), ("int", int), ("float", float), ("str", str)):
+        if text.startswith(name):
+            return kind
+    raise TypeError(f"unsupported config field type {annotation!r}")
+
+
+def _has_kind(value, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
 
 
 @dataclass
@@ -56,6 +74,10 @@ class RunConfig:
     device: str = "cpu"
 
     def validate(self) -> RunConfig:
+        for f in fields(self):
+            value, kind = getattr(self, f.name), field_kind(f.type)
+            if value is not None and not _has_kind(value, kind):
+                raise ConfigError(f"{f.name} {value!r} must be of type {kind.__name__}")
         choices = {
             "dataset": DATASETS,
             "model": MODELS,
@@ -70,19 +92,28 @@ class RunConfig:
             value = getattr(self, key)
             if value not in valid:
                 raise ConfigError(f"unknown {key} {value!r}; choose from: {', '.join(valid)}")
-        if not (isinstance(self.density, (int, float)) and 0.0 < self.density <= 1.0):
+        if not 0.0 < self.density <= 1.0:
             raise ConfigError(f"density {self.density!r} is outside (0, 1]; e.g. 0.05 for 95% sparsity")
-        positive_ints = {"epochs": self.epochs, "batch_size": self.batch_size, "lr_step_size": self.lr_step_size}
-        for key, value in positive_ints.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{key} {value!r} must be a positive integer")
+        for key in ("epochs", "batch_size", "lr_step_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} {getattr(self, key)!r} must be a positive integer")
         if self.update_every is not None and self.update_every < 1:
             raise ConfigError(f"update_every {self.update_every!r} must be a positive integer")
-        if not all(isinstance(h, int) and h > 0 for h in self.hidden) or not self.hidden:
+        if not self.hidden or not all(_has_kind(h, int) and h > 0 for h in self.hidden):
             raise ConfigError(f"hidden {self.hidden!r} must be a non-empty list of positive integers")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} {value!r} must be a finite number")
         for key in ("lr", "weight_decay", "momentum"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} {getattr(self, key)!r} must be >= 0")
+        if self.lr_gamma <= 0:
+            raise ConfigError(f"lr_gamma {self.lr_gamma!r} must be > 0")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed {self.seed!r} must be in [0, 2**32)")
+        if self.epsilon is not None and self.epsilon <= 0:
+            raise ConfigError(f"epsilon {self.epsilon!r} must be > 0")
         for key in ("dropout", "drop_fraction", "end_fraction"):
             value = getattr(self, key)
             if value is not None and not 0.0 <= value <= 1.0:

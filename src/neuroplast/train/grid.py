@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from neuroplast.data import load_dataset
@@ -20,9 +20,14 @@ def cell_name(method: str, seed: int) -> str:
     return f"{method}-seed{seed}"
 
 
-def is_finished(folder: Path, epochs: int) -> bool:
+def is_finished(folder: Path, config: RunConfig) -> bool:
+    """True if `folder` holds a finished run of exactly `config` (a changed config is re-run,
+    or refused by `train` if the folder holds a partial run of another config)."""
     path = folder / "summary.json"
-    return path.is_file() and json.loads(path.read_text()).get("epochs") == epochs
+    if not path.is_file():
+        return False
+    summary = json.loads(path.read_text())
+    return summary.get("config") == asdict(config) and summary.get("epochs") == config.epochs
 
 
 def run_grid(
@@ -37,7 +42,7 @@ def run_grid(
     out = Path(out)
     configs = [replace(base, method=m, seed=s).validate() for m in methods for s in seeds]
     folders = [out / cell_name(c.method, c.seed) for c in configs]
-    todo = [(c, f) for c, f in zip(configs, folders) if not is_finished(f, c.epochs)]
+    todo = [(c, f) for c, f in zip(configs, folders) if not is_finished(f, c)]
     if log and len(todo) < len(configs):
         log(f"{len(configs) - len(todo)} of {len(configs)} cells already finished in {out}; skipping them")
     dataset = load_dataset(base.dataset, flatten=base.model == "mlp") if todo else None

@@ -25,6 +25,7 @@ from neuroplast.dst import DSTEngine, preset
 from neuroplast.models import build_model
 from neuroplast.sparse import Topology, select_layers, sparsify
 from neuroplast.train.checkpoint import (
+    CheckpointError,
     find_checkpoint,
     join_optimizer_state,
     load_checkpoint,
@@ -46,7 +47,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
+        raise ConfigError("device 'cuda' was asked for but no CUDA GPU is available; choose from: cpu, auto")
     return torch.device(name)
 
 
@@ -106,16 +107,10 @@ class Run:
         ).to(self.device)
         self.topology: Topology | None = None
         if config.method != "dense":
-            self.topology = sparsify(
-                self.model,
-                density=config.density,
-                distribution=config.distribution,
-                dense_first=config.dense_first,
-                dense_last=config.dense_last,
-                epsilon=config.epsilon,
-                backend=config.backend,
-                generator=torch.Generator().manual_seed(config.seed),
-            )
+            try:
+                self.topology = self._sparsify()
+            except ValueError as exc:  # e.g. every layer kept dense by --dense-first/--dense-last
+                raise ConfigError(str(exc)) from exc
         self.optimizer = build_optimizer(config, self.model)
         self.lr_schedule = build_lr_schedule(config, self.optimizer)
         self.shuffle = torch.Generator().manual_seed(config.seed + 1)
@@ -137,13 +132,28 @@ class Run:
         self.seconds = 0.0
         self.best_accuracy = 0.0
 
+    def _sparsify(self) -> Topology:
+        config = self.config
+        return sparsify(
+            self.model,
+            density=config.density,
+            distribution=config.distribution,
+            dense_first=config.dense_first,
+            dense_last=config.dense_last,
+            epsilon=config.epsilon,
+            backend=config.backend,
+            generator=torch.Generator().manual_seed(config.seed),
+        )
+
     # -- one epoch -------------------------------------------------------------------------------
     def train_epoch(self, progress=None) -> tuple[float, float]:
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         seen = 0
-        task = progress.add_task(f"epoch {self.epoch + 1}/{self.config.epochs}", total=len(self.batches)) if progress else None
+        task = None
+        if progress is not None:
+            task = progress.add_task(f"epoch {self.epoch + 1}/{self.config.epochs}", total=len(self.batches), info="")
         for i, (xb, yb) in enumerate(self.batches):
             xb, yb = xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
             logits = self.model(xb)
@@ -278,12 +288,17 @@ def train(
     run = Run(config, dataset)
     out = Path(out) if out is not None else None
     if out is not None:
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {str(out)!r} is a file, not a folder")
         out.mkdir(parents=True, exist_ok=True)
         checkpoint = find_checkpoint(out)
         if checkpoint is not None and not resume:
             raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
         if checkpoint is not None:
-            tensors, state = load_checkpoint(checkpoint)
+            try:
+                tensors, state = load_checkpoint(checkpoint)
+            except CheckpointError as exc:
+                raise ConfigError(str(exc)) from exc
             if state["config"] != asdict(config):
                 changed = sorted(k for k, v in asdict(config).items() if state["config"].get(k) != v)
                 raise ConfigError(
@@ -344,9 +359,18 @@ def train(
 
 
 def _read_metrics(path: Path) -> list[dict]:
+    """The records of `metrics.jsonl`; a last line cut off by a crash mid-append is ignored."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise ConfigError(f"{path} line {i + 1} is not JSON; the run folder is damaged") from None
+    return records
 
 
 def _truncate_metrics(path: Path, epoch: int) -> None:
