@@ -38,12 +38,35 @@ def select_extreme(
     return index[order[:k]]
 
 
+def first_occurrences(values: torch.Tensor) -> torch.Tensor:
+    """Positions of the first occurrence of each distinct value, in their original order."""
+    order = torch.argsort(values, stable=True)
+    ranked = values[order]
+    first = torch.ones_like(ranked, dtype=torch.bool)
+    first[1:] = ranked[1:] != ranked[:-1]
+    return order[first].sort().values
+
+
 def select_random(candidates: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """`k` candidates drawn uniformly without replacement."""
-    index = candidates.reshape(-1).nonzero().squeeze(1)
-    k = min(k, index.numel())
-    pick = torch.randperm(index.numel(), generator=generator)[:k].to(index.device)
-    return index[pick]
+    """`k` candidates drawn uniformly without replacement.
+
+    Rejection sampling over flat indices: draw positions uniformly from the whole layer, keep
+    candidates not drawn before. It never lists the empty positions (a truly sparse layer cannot
+    afford to) and consumes the generator the same way on every backend.
+    """
+    flat = candidates.reshape(-1)
+    size, available = flat.numel(), int(flat.sum())
+    k = min(k, available)
+    chosen = torch.empty(0, dtype=torch.long, device=flat.device)
+    while chosen.numel() < k:
+        need = k - chosen.numel()
+        draws = math.ceil(need * size / (available - chosen.numel()) * 1.25) + 16
+        drawn = torch.randint(size, (draws,), generator=generator).to(flat.device)
+        drawn = drawn[flat[drawn]]
+        drawn = drawn[first_occurrences(drawn)]
+        drawn = drawn[~torch.isin(drawn, chosen)]
+        chosen = torch.cat([chosen, drawn[:need]])
+    return chosen
 
 
 # -- drop --------------------------------------------------------------------------------------
