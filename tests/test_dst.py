@@ -14,10 +14,31 @@ from neuroplast.dst import DSTEngine, LayerSignals, Schedule, preset
 from neuroplast.dst.criteria import drop_by_magnitude, drop_by_signed_magnitude, grow_by_gradient, grow_random
 from neuroplast.models import MLP
 from neuroplast.sparse import sparsify
+from neuroplast.sparse.layer import Candidates
 
 
 def gen(seed=0):
     return torch.Generator().manual_seed(seed)
+
+
+def empty_positions(candidates: torch.Tensor) -> Candidates:
+    flat = candidates.reshape(-1)
+    return Candidates(flat.numel(), int(flat.sum()), lambda f: flat[f])
+
+
+def signed_drop(weight, mask, fraction, generator):
+    """SET's drop on a dense weight + mask, as flat indices."""
+    flat = mask.reshape(-1).nonzero().squeeze(1)
+    return flat[drop_by_signed_magnitude(weight.reshape(-1)[flat], fraction, generator)]
+
+
+def gradient_signals(grad: torch.Tensor, chunk: int | None = None) -> LayerSignals:
+    flat_grad = grad.reshape(-1)
+    chunk = chunk or flat_grad.numel()
+    return LayerSignals(
+        lambda: ((torch.arange(i, min(i + chunk, flat_grad.numel())), flat_grad[i : i + chunk])
+                 for i in range(0, flat_grad.numel(), chunk))
+    )
 
 
 # -- SET ---------------------------------------------------------------------------------------
@@ -27,7 +48,7 @@ def test_set_drop_takes_smallest_positives_and_negatives_closest_to_zero():
     mask[8] = False  # a pruned position is never dropped
     # live positives (zeros count as positive): 0.9 0.1 0.5 0.3 0.0 0.0 -> 6, floor(0.5*6)=3
     # live negatives: -0.05 -0.8 -0.2 -0.6 -1.0 -> 5, floor(0.5*5)=2: closest to zero: -0.05, -0.2
-    dropped = drop_by_signed_magnitude(weight, mask, 0.5, gen())
+    dropped = signed_drop(weight, mask, 0.5, gen())
     assert sorted(dropped.tolist()) == sorted([9, 10, 1, 4, 6])
 
 
@@ -35,7 +56,7 @@ def test_set_drop_is_exact_on_a_random_layer():
     g = gen(3)
     weight = torch.randn(50, 40, generator=g)
     mask = torch.rand(50, 40, generator=g) < 0.3
-    dropped = set(drop_by_signed_magnitude(weight, mask, 0.3, gen()).tolist())
+    dropped = set(signed_drop(weight, mask, 0.3, gen()).tolist())
     flat_w, flat_m = weight.view(-1), mask.view(-1)
     positives = sorted((float(flat_w[i]), i) for i in range(flat_w.numel()) if flat_m[i] and flat_w[i] >= 0)
     negatives = sorted(((-float(flat_w[i])), i) for i in range(flat_w.numel()) if flat_m[i] and flat_w[i] < 0)
@@ -45,11 +66,10 @@ def test_set_drop_is_exact_on_a_random_layer():
 
 
 def test_ties_are_broken_by_the_seed_not_by_position():
-    weight = torch.zeros(1000)
-    mask = torch.ones(1000, dtype=torch.bool)
-    a = drop_by_magnitude(weight, mask, 0.1, gen(0))
-    b = drop_by_magnitude(weight, mask, 0.1, gen(0))
-    c = drop_by_magnitude(weight, mask, 0.1, gen(1))
+    values = torch.zeros(1000)
+    a = drop_by_magnitude(values, 0.1, gen(0))
+    b = drop_by_magnitude(values, 0.1, gen(0))
+    c = drop_by_magnitude(values, 0.1, gen(1))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.numel() == 100 and a.max() > 100  # not simply the first 100 positions
 
@@ -59,7 +79,7 @@ def test_random_growth_only_picks_empty_positions_uniformly():
     candidates[::2] = True
     counts = torch.zeros(100)
     for seed in range(400):
-        grown = grow_random(LayerSignals(torch.zeros(100)), candidates, 10, gen(seed))
+        grown = grow_random(LayerSignals(), empty_positions(candidates), 10, gen(seed))
         assert candidates[grown].all() and grown.unique().numel() == 10
         counts[grown] += 1
     # every one of the 50 candidates is chosen about 400 * 10 / 50 = 80 times
@@ -72,10 +92,20 @@ def test_rigl_grows_where_dense_gradient_is_largest_among_empty_positions():
     g = gen(5)
     grad = torch.randn(30, 30, generator=g)
     candidates = torch.rand(30, 30, generator=g) < 0.5
-    grown = grow_by_gradient(LayerSignals(torch.zeros(30, 30), grad), candidates, 17, gen())
+    grown = grow_by_gradient(gradient_signals(grad), empty_positions(candidates), 17, gen())
     scores = grad.abs().view(-1).clone()
     scores[~candidates.view(-1)] = -1
     assert set(grown.tolist()) == set(torch.topk(scores, 17).indices.tolist())
+
+
+def test_gradient_growth_in_chunks_equals_growth_in_one_piece():
+    grad = torch.randn(40, 25, generator=gen(2))
+    grad[grad.abs() < 0.5] = 0.0  # many exact ties at zero: tie-breaking must not depend on chunking
+    candidates = torch.rand(40, 25, generator=gen(3)) < 0.7
+    whole = grow_by_gradient(gradient_signals(grad), empty_positions(candidates), 400, gen(4))
+    for chunk in (1, 7, 25, 333):
+        pieces = grow_by_gradient(gradient_signals(grad, chunk), empty_positions(candidates), 400, gen(4))
+        assert torch.equal(pieces.sort().values, whole.sort().values)
 
 
 def test_rigl_drop_fraction_follows_the_cosine():
@@ -123,7 +153,7 @@ def test_rigl_engine_uses_the_dense_gradient_of_the_update_step():
         assert topology.capture_dense_grad == (step == 3)
         backward(model, step)
         if step == 3:
-            dense_grad = topology.dense_grads["features.0"].clone()
+            dense_grad = topology.layers["features.0"].dense_grad.clone()
             assert torch.all(layer.weight.grad[~layer.weight_mask] == 0)  # the optimizer saw a masked grad
             assert torch.any(dense_grad[~layer.weight_mask] != 0)
             before = layer.weight_mask.clone()
@@ -142,7 +172,7 @@ def test_rigl_engine_uses_the_dense_gradient_of_the_update_step():
     assert set(grown.tolist()) <= top
     assert record.layers[0].grown == grown.numel() and int(layer.weight_mask.sum()) == int(before.sum())
     assert torch.all(layer.weight.view(-1)[grown] == 0)
-    assert not topology.dense_grads
+    assert all(l.dense_grad is None for l in topology.layers.values())
 
 
 def test_a_just_dropped_position_regrown_is_kept_with_value_and_state():
@@ -161,8 +191,9 @@ def test_a_just_dropped_position_regrown_is_kept_with_value_and_state():
     # empty positions get gradients in [1, 2); live ones 0, except `weakest`, whose is huge
     grad = (1 + torch.rand(layer.weight.shape, generator=gen(9))) * ~layer.weight_mask
     grad.view(-1)[weakest] = 1e6
-    topology.dense_grads = {n: torch.zeros_like(l.weight) for n, l in topology.layers.items()}
-    topology.dense_grads["features.0"] = grad
+    for other in topology.layers.values():
+        other.dense_grad = torch.zeros_like(other.weight)
+    layer.dense_grad = grad
     momentum_before = optimizer.state[layer.weight]["momentum_buffer"].view(-1)[weakest].item()
     assert momentum_before != 0
     nnz = int(layer.weight_mask.sum())
@@ -230,7 +261,8 @@ def test_nnz_is_invariant_over_many_random_updates(density, fraction, method, wi
         for _ in range(50):
             for layer in topology.layers.values():  # random live weights, as training would leave them
                 layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * layer.weight_mask)
-            topology.dense_grads = {n: torch.randn(l.weight.shape, generator=g) for n, l in topology.layers.items()}
+            for layer in topology.layers.values():
+                layer.dense_grad = torch.randn(layer.weight.shape, generator=g)
             engine.update()
             for name, layer in topology.layers.items():
                 assert int(layer.weight_mask.sum()) == nnz[name]
@@ -258,4 +290,4 @@ def test_r_s_counts_positions_ever_active():
     ever = sum(int(l.weight_ever_active.sum()) for l in topology.layers.values())
     size = sum(l.weight_mask.numel() for l in topology.layers.values())
     assert topology.r_s() == ever / size > topology.density()
-    assert engine.history[-1].layers[0].r_s == topology.layer_r_s("features.0")
+    assert engine.history[-1].layers[0].r_s == topology.layers["features.0"].r_s()

@@ -98,7 +98,7 @@ class DSTEngine:
         self._arm()
 
     def _arm(self) -> None:
-        """Ask the topology to keep the dense gradient of the next backward if an update that
+        """Ask the layers to keep the dense gradient of the next backward if an update that
         needs it follows that backward."""
         needs_grad = self.algorithm.rewires and "dense_grad" in GROW_NEEDS[self.algorithm.grow]
         self.topology.capture_dense_grad = needs_grad and self.schedule.is_update_step(self.step_count + 1)
@@ -120,35 +120,22 @@ class DSTEngine:
         fraction = self.schedule.fraction_at(self.step_count)
         record = UpdateRecord(step=self.step_count, fraction=fraction)
         for name, layer in self.topology.layers.items():
-            mask, weight = layer.weight_mask, layer.weight
-            dropped = grown = torch.empty(0, dtype=torch.long, device=mask.device)
-            if not bool(mask.all()):  # a layer kept dense (e.g. by ERK) has nowhere to grow
-                dropped = drop(weight, mask, fraction, self.generator)
-                candidates = mask.clone()
-                candidates.view(-1)[dropped] = False
-                signals = LayerSignals(weight=weight, dense_grad=self.topology.dense_grads.get(name))
-                grown = grow(signals, ~candidates, dropped.numel(), self.generator)
+            dropped = grown = torch.empty(0, dtype=torch.long)
+            if layer.nnz < layer.size:  # a layer kept dense (e.g. by ERK) has nowhere to grow
+                values, flat = layer.live()
+                dropped = flat[drop(values, fraction, self.generator)]
+                candidates = layer.candidates(dropped)
+                signals = LayerSignals(dense_grad_chunks=layer.dense_grad_chunks)
+                grown = grow(signals, candidates, dropped.numel(), self.generator).to(dropped.device)
                 if self.algorithm.regrown_is_kept:
                     regrown = torch.isin(grown, dropped)
                     dropped = dropped[~torch.isin(dropped, grown)]
                     grown = grown[~regrown]
-                self._rewire(name, dropped, grown)
-            record.layers.append(
-                LayerUpdate(name, int(mask.sum()), dropped.numel(), grown.numel(), self.topology.layer_r_s(name))
-            )
-        self.topology.dense_grads.clear()
+                layer.rewire(dropped, grown, self.topology.optimizers)
+            record.layers.append(LayerUpdate(name, layer.nnz, dropped.numel(), grown.numel(), layer.r_s()))
+        self.topology.clear_signals()
         self.history.append(record)
         return record
-
-    def _rewire(self, name: str, dropped: torch.Tensor, grown: torch.Tensor) -> None:
-        layer = self.topology.layers[name]
-        mask, weight = layer.weight_mask.view(-1), layer.weight.view(-1)
-        mask[dropped] = False
-        mask[grown] = True
-        weight[dropped] = 0.0
-        weight[grown] = 0.0  # new connections start at zero (SET's Keras code, RigL)
-        layer.weight_ever_active.view(-1)[grown] = True
-        self.topology.reset_optimizer_state(name, torch.cat([dropped, grown]))
 
     # -- checkpointing --------------------------------------------------------------------------
     def state_dict(self) -> dict:

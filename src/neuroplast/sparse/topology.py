@@ -1,21 +1,15 @@
-"""Masks on the weights of a model: which connections are live.
+"""Which connections of a model are live: `sparsify(model)` and the `Topology` it returns.
 
-`sparsify(model, ...)` picks the `nn.Linear` / `nn.Conv2d` layers to make sparse, gives each a
-density from a distribution, samples a mask with exactly that many live weights, and returns a
-`Topology`. Masks are registered buffers (`weight_mask`, plus `weight_ever_active` for ITOP's
-R_s), so `model.state_dict()` carries them, as with `torch.nn.utils.prune`.
-
-The masked backend keeps three invariants:
-- gradients of pruned weights are zeroed before they reach the optimizer (a tensor hook), so
-  they never feed momentum or Adam moments;
-- after every optimizer step the pruned weights are set to exactly zero (a step post-hook),
-  whatever the optimizer does (weight decay, Adam's epsilon);
-- when the topology changes, the optimizer state of every changed position is reset.
+`sparsify` picks the `nn.Linear` / `nn.Conv2d` layers to make sparse, gives each a density from
+a distribution, samples exactly that many live weights, and hands every layer to a backend:
+`masked` (`sparse/masked.py`, any layer) or `csr` (`sparse/csr.py`, truly sparse Linear).
+The `Topology` is the backend-independent view the DST engine works through.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -23,6 +17,8 @@ import torch
 from torch import nn
 
 from neuroplast.sparse.distributions import layer_counts, layer_densities
+from neuroplast.sparse.layer import SparseLayer
+from neuroplast.sparse.masked import MaskedLayer
 
 SPARSE_LAYER_TYPES = (nn.Linear, nn.Conv2d)
 BACKENDS = ("masked",)
@@ -40,55 +36,38 @@ class LayerStats:
 
 
 class Topology:
-    """The sparse layers of a model and their masks (the masked backend)."""
+    """The sparse layers of a model (name -> `SparseLayer`)."""
 
-    def __init__(self, layers: dict[str, nn.Module]):
+    def __init__(self, layers: dict[str, SparseLayer]):
         self.layers = layers
-        self.capture_dense_grad = False  # set by the DST engine before a backward it needs
-        self.dense_grads: dict[str, torch.Tensor] = {}
-        self._optimizers: list[torch.optim.Optimizer] = []
-        self._handles = [layer.weight.register_hook(self._grad_hook(name)) for name, layer in layers.items()]
+        self.optimizers: list[torch.optim.Optimizer] = []
 
-    # -- masks -------------------------------------------------------------------------------
-    def mask(self, name: str) -> torch.Tensor:
-        return self.layers[name].weight_mask
+    @property
+    def capture_dense_grad(self) -> bool:
+        return any(layer.capture for layer in self.layers.values())
 
-    def weight(self, name: str) -> nn.Parameter:
-        return self.layers[name].weight
-
-    @torch.no_grad()
-    def apply_masks(self) -> None:
-        """Set every pruned weight to exactly zero."""
+    @capture_dense_grad.setter
+    def capture_dense_grad(self, value: bool) -> None:
+        """Ask every layer to keep the dense gradient of the next backward (RigL's update step)."""
         for layer in self.layers.values():
-            layer.weight.mul_(layer.weight_mask)
+            layer.capture = value
 
-    def _grad_hook(self, name: str):
-        def hook(grad: torch.Tensor) -> torch.Tensor:
-            if self.capture_dense_grad:
-                self.dense_grads[name] = grad.detach().clone()
-            return grad * self.layers[name].weight_mask
+    def clear_signals(self) -> None:
+        for layer in self.layers.values():
+            layer.clear_signals()
 
-        return hook
-
-    # -- optimizer ----------------------------------------------------------------------------
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Keep pruned weights at zero after each `optimizer.step()`; let topology updates reset
-        this optimizer's state at changed positions."""
-        self._optimizers.append(optimizer)
-        optimizer.register_step_post_hook(lambda *_: self.apply_masks())
+        """Restore the backend's invariants after each `optimizer.step()` (pruned weights exactly
+        zero), and let rewiring keep this optimizer's state right."""
+        self.optimizers.append(optimizer)
+        optimizer.register_step_post_hook(lambda *_: self.after_step())
 
-    @torch.no_grad()
-    def reset_optimizer_state(self, name: str, flat_index: torch.Tensor) -> None:
-        """Zero momentum / Adam moments (any per-weight state tensor) at `flat_index`."""
-        param = self.weight(name)
-        for optimizer in self._optimizers:
-            for value in optimizer.state.get(param, {}).values():
-                if torch.is_tensor(value) and value.shape == param.shape:
-                    value.view(-1)[flat_index] = 0
+    def after_step(self) -> None:
+        for layer in self.layers.values():
+            layer.after_step()
 
-    # -- statistics ---------------------------------------------------------------------------
     def stats(self) -> list[LayerStats]:
-        return [LayerStats(name, int(l.weight_mask.sum()), l.weight_mask.numel()) for name, l in self.layers.items()]
+        return [LayerStats(name, layer.nnz, layer.size) for name, layer in self.layers.items()]
 
     def density(self) -> float:
         """Global live fraction over the sparse layers."""
@@ -97,17 +76,29 @@ class Topology:
 
     def r_s(self) -> float:
         """ITOP's R_s: the fraction of sparse-layer positions that have ever been live."""
-        ever = sum(int(l.weight_ever_active.sum()) for l in self.layers.values())
-        return ever / sum(l.weight_mask.numel() for l in self.layers.values())
-
-    def layer_r_s(self, name: str) -> float:
-        layer = self.layers[name]
-        return int(layer.weight_ever_active.sum()) / layer.weight_ever_active.numel()
+        return sum(l.ever_active_count() for l in self.layers.values()) / sum(l.size for l in self.layers.values())
 
     def remove(self) -> None:
-        """Detach the gradient hooks (the masks stay as buffers)."""
-        for handle in self._handles:
-            handle.remove()
+        """Detach the backends' hooks (masks stay as buffers)."""
+        for layer in self.layers.values():
+            layer.remove()
+
+
+ENUMERATE_UP_TO = 2**24  # positions; above this, sample without listing every position
+
+
+def sample_positions(size: int, k: int, generator: torch.Generator | None) -> torch.Tensor:
+    """`k` distinct flat positions of `size`, uniformly, sorted; the same on every backend."""
+    if size <= ENUMERATE_UP_TO:
+        return torch.randperm(size, generator=generator)[:k].sort().values
+    chosen = torch.empty(0, dtype=torch.long)
+    while chosen.numel() < k:
+        need = k - chosen.numel()
+        drawn = torch.randint(size, (math.ceil(need * size / (size - chosen.numel()) * 1.1) + 16,), generator=generator)
+        drawn = drawn[~torch.isin(drawn, chosen)].unique()  # unique sorts: a uniform subset all the same
+        drawn = drawn[torch.randperm(drawn.numel(), generator=generator)[:need]]
+        chosen = torch.cat([chosen, drawn])
+    return chosen.sort().values
 
 
 def select_layers(
@@ -168,19 +159,18 @@ def sparsify(
     shapes = {name: tuple(m.weight.shape) for name, m in layers.items()}
     densities = layer_densities(shapes, density, distribution, dense_layers, epsilon)
     counts = layer_counts(shapes, densities, exact_total=epsilon is None)
+    sparse_layers: dict[str, SparseLayer] = {}
     for name, module in layers.items():
         weight = module.weight
         size = weight.numel()
         mask = torch.zeros(size, dtype=torch.bool, device=weight.device)
-        live = torch.randperm(size, generator=generator)[: counts[name]].to(weight.device)
-        mask[live] = True
+        mask[sample_positions(size, counts[name], generator).to(weight.device)] = True
         mask = mask.view_as(weight)
-        module.register_buffer("weight_mask", mask)
-        module.register_buffer("weight_ever_active", mask.clone())
         weight.mul_(mask)
         if rescale_init:
             fan_in = mask[0].numel()
             live_fan_in = mask.flatten(1).sum(1).clamp_min(1)
             scale = (fan_in / live_fan_in).sqrt().to(weight.dtype)
             weight.mul_(scale.view(-1, *([1] * (weight.dim() - 1))))
-    return Topology(layers)
+        sparse_layers[name] = MaskedLayer(name, module, mask)
+    return Topology(sparse_layers)
