@@ -18,10 +18,11 @@ from torch import nn
 
 from neuroplast.sparse.distributions import layer_counts, layer_densities
 from neuroplast.sparse.layer import SparseLayer
+from neuroplast.sparse.csr import to_csr
 from neuroplast.sparse.masked import MaskedLayer
 
 SPARSE_LAYER_TYPES = (nn.Linear, nn.Conv2d)
-BACKENDS = ("masked",)
+BACKENDS = ("masked", "csr")
 
 
 @dataclass
@@ -162,15 +163,19 @@ def sparsify(
     sparse_layers: dict[str, SparseLayer] = {}
     for name, module in layers.items():
         weight = module.weight
-        size = weight.numel()
-        mask = torch.zeros(size, dtype=torch.bool, device=weight.device)
-        mask[sample_positions(size, counts[name], generator).to(weight.device)] = True
-        mask = mask.view_as(weight)
-        weight.mul_(mask)
+        flat = sample_positions(weight.numel(), counts[name], generator).to(weight.device)
         if rescale_init:
-            fan_in = mask[0].numel()
-            live_fan_in = mask.flatten(1).sum(1).clamp_min(1)
+            rows = weight.shape[0]
+            fan_in = weight.numel() // rows
+            live_fan_in = torch.bincount(flat // fan_in, minlength=rows).clamp_min(1)
             scale = (fan_in / live_fan_in).sqrt().to(weight.dtype)
             weight.mul_(scale.view(-1, *([1] * (weight.dim() - 1))))
-        sparse_layers[name] = MaskedLayer(name, module, mask)
+        if backend == "csr":
+            sparse_layers[name] = to_csr(model, name, module, flat)
+        else:
+            mask = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
+            mask[flat] = True
+            mask = mask.view_as(weight)
+            weight.mul_(mask)
+            sparse_layers[name] = MaskedLayer(name, module, mask)
     return Topology(sparse_layers)

@@ -1,0 +1,285 @@
+"""The csr backend: a truly sparse `nn.Linear` whose weight is stored as CSR.
+
+`CSRLinear` holds the live weights as one 1-D parameter `values` (length nnz) and the pattern
+as index buffers (`crow`, `col`, rows sorted, columns sorted within a row). Forward and both
+backward products cost O(nnz x batch):
+
+    y  = W x          spmm with W          (torch.sparse.mm)
+    dx = W^T g        spmm with W^T        (a transposed pattern, rebuilt when the topology changes)
+    dW = g^T x        only at the live positions (SDDMM: torch.sparse.sampled_addmm)
+
+Stock autograd through `F.linear(x, W_csr)` silently returns a *dense* weight gradient, which
+an optimizer step would densify; the custom Function here never does. Optimizers see a normal
+1-D parameter; rewiring carries their per-weight state across (kept connections keep it, new
+ones start at zero). No tensor of the layer's full shape is ever made: the RigL growth signal
+(the dense gradient) is computed a block of rows at a time.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from neuroplast.sparse.layer import Candidates, SparseLayer
+
+CHUNK_ELEMENTS = 1 << 22  # dense-gradient block size for growth: 4M floats (16 MiB)
+
+# torch warns once per process that CSR support is "beta"; the paths used here are tested.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+
+def csr_tensor(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """A CSR tensor of arrays built here (sorted, in range): skip the O(nnz) validation, unless
+    a caller turns it on with `torch.sparse.check_sparse_tensor_invariants`."""
+    check = torch.sparse.check_sparse_tensor_invariants.is_enabled()
+    return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=check)
+
+
+def csr_pattern(flat: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(crow, col) of sorted flat indices."""
+    row = flat // cols
+    crow = torch.zeros(rows + 1, dtype=torch.long, device=flat.device)
+    crow[1:] = torch.cumsum(torch.bincount(row, minlength=rows), 0)
+    return crow, flat % cols
+
+
+class _SparseLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, values: torch.Tensor, layer: CSRLinear) -> torch.Tensor:
+        weight = csr_tensor(layer.crow, layer.col, values, (layer.out_features, layer.in_features))
+        ctx.save_for_backward(x, values)
+        ctx.layer = layer
+        return torch.sparse.mm(weight, x.t()).t()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        x, values = ctx.saved_tensors
+        layer: CSRLinear = ctx.layer
+        grad_x = grad_values = None
+        if ctx.needs_input_grad[0]:
+            weight_t = csr_tensor(layer.crow_t, layer.col_t, values[layer.perm_t], (layer.in_features, layer.out_features))
+            grad_x = torch.sparse.mm(weight_t, grad_output.t()).t()
+        if ctx.needs_input_grad[1]:
+            pattern = csr_tensor(layer.crow, layer.col, torch.zeros_like(values), (layer.out_features, layer.in_features))
+            sampled = torch.sparse.sampled_addmm(pattern, grad_output.t().contiguous(), x, beta=0.0)
+            grad_values = sampled.values()
+        if layer.capture:
+            layer.captured = (x.detach(), grad_output.detach())
+        return grad_x, grad_values, None
+
+
+class CSRLinear(nn.Module):
+    """y = x W^T + b with W stored as CSR (see the module docstring)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        flat: torch.Tensor,
+        values: torch.Tensor,
+        bias: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.values = nn.Parameter(values.detach().clone())
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        crow, col = csr_pattern(flat, out_features, in_features)
+        self.register_buffer("crow", crow)
+        self.register_buffer("col", col)
+        self.register_buffer("ever_active", flat.clone())  # sorted flat indices ever live (R_s)
+        # W^T's pattern and the permutation values -> W^T values: derived, not saved.
+        self.register_buffer("crow_t", torch.empty(0, dtype=torch.long), persistent=False)
+        self.register_buffer("col_t", torch.empty(0, dtype=torch.long), persistent=False)
+        self.register_buffer("perm_t", torch.empty(0, dtype=torch.long), persistent=False)
+        self._build_transpose()
+        self.capture = False
+        self.captured: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, flat: torch.Tensor) -> CSRLinear:
+        """The live positions `flat` (sorted flat indices) of `linear`, as a CSR layer."""
+        values = linear.weight.detach().reshape(-1)[flat]
+        bias = linear.bias.detach() if linear.bias is not None else None
+        return cls(linear.in_features, linear.out_features, flat, values, bias).to(linear.weight.device)
+
+    def _build_transpose(self) -> None:
+        row = torch.repeat_interleave(torch.arange(self.out_features, device=self.col.device), self.crow.diff())
+        self.perm_t = torch.argsort(self.col * self.out_features + row)
+        self.col_t = row[self.perm_t]
+        self.crow_t = torch.zeros(self.in_features + 1, dtype=torch.long, device=self.col.device)
+        self.crow_t[1:] = torch.cumsum(torch.bincount(self.col, minlength=self.in_features), 0)
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    def flat_index(self) -> torch.Tensor:
+        row = torch.repeat_interleave(torch.arange(self.out_features, device=self.col.device), self.crow.diff())
+        return row * self.in_features + self.col
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat_x = x.reshape(-1, self.in_features)
+        y = _SparseLinearFunction.apply(flat_x, self.values, self)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def to_dense(self) -> torch.Tensor:
+        """The full weight matrix (for inspection and tests only: it is the size of a dense layer)."""
+        dense = torch.zeros(self.out_features * self.in_features, dtype=self.values.dtype, device=self.values.device)
+        dense[self.flat_index()] = self.values.detach()
+        return dense.view(self.out_features, self.in_features)
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes held for the weight: values, the CSR indices, the transposed pattern."""
+        nbytes = lambda *ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+        return {
+            "values": nbytes(self.values),
+            "indices": nbytes(self.crow, self.col),
+            "transpose": nbytes(self.crow_t, self.col_t, self.perm_t),
+            "dense_equivalent": self.out_features * self.in_features * self.values.element_size(),
+        }
+
+    @torch.no_grad()
+    def set_pattern(self, flat: torch.Tensor, values: torch.Tensor) -> None:
+        """Replace the live positions (sorted flat indices) and their values, in place: the
+        `values` parameter object stays the same, so optimizers keep pointing at it."""
+        self.values.data = values
+        self.values.grad = None
+        self.crow, self.col = csr_pattern(flat, self.out_features, self.in_features)
+        self._build_transpose()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # nnz and the ever-active set differ between topologies: take the saved sizes first.
+        for name in ("values", "crow", "col", "ever_active"):
+            saved = state_dict.get(prefix + name)
+            if saved is not None:
+                current = getattr(self, name)
+                if name == "values":
+                    self.values.data = torch.empty_like(saved, device=current.device)
+                else:
+                    setattr(self, name, torch.empty_like(saved, device=current.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._build_transpose()
+
+    def extra_repr(self) -> str:
+        density = self.nnz / (self.in_features * self.out_features)
+        return f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, density={density:.4f}"
+
+
+def sorted_contains(sorted_values: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """Membership of `query` in the sorted 1-D tensor `sorted_values`."""
+    if sorted_values.numel() == 0:
+        return torch.zeros_like(query, dtype=torch.bool)
+    position = torch.searchsorted(sorted_values, query).clamp_max(sorted_values.numel() - 1)
+    return sorted_values[position] == query
+
+
+class CSRLayer(SparseLayer):
+    """The DST engine's view of a `CSRLinear`."""
+
+    def __init__(self, name: str, module: CSRLinear):
+        self.name = name
+        self.module = module
+
+    @property
+    def capture(self) -> bool:
+        return self.module.capture
+
+    @capture.setter
+    def capture(self, value: bool) -> None:
+        self.module.capture = value
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.module.out_features, self.module.in_features)
+
+    @property
+    def nnz(self) -> int:
+        return self.module.nnz
+
+    def live(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.module.values.detach(), self.module.flat_index()
+
+    def candidates(self, dropped: torch.Tensor) -> Candidates:
+        flat = self.module.flat_index()
+        live = flat[~sorted_contains(dropped.sort().values.to(flat.device), flat)]
+        return Candidates(
+            size=self.size,
+            count=self.size - live.numel(),
+            contains=lambda query: ~sorted_contains(live, query.to(live.device)),
+        )
+
+    def dense_grad_chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.module.captured is None:
+            raise RuntimeError(f"layer {self.name}: no gradient was captured for this update")
+        x, grad_output = self.module.captured
+        n_in = self.module.in_features
+        rows = max(1, CHUNK_ELEMENTS // n_in)
+        for start in range(0, self.module.out_features, rows):
+            stop = min(start + rows, self.module.out_features)
+            block = grad_output[:, start:stop].t() @ x  # (rows, in): the dense gradient of those rows
+            yield torch.arange(start * n_in, stop * n_in, device=x.device), block.reshape(-1)
+
+    def clear_signals(self) -> None:
+        self.module.captured = None
+
+    @torch.no_grad()
+    def rewire(self, dropped: torch.Tensor, grown: torch.Tensor, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        module = self.module
+        flat = module.flat_index()
+        device = flat.device
+        dropped, grown = dropped.to(device), grown.to(device)
+        keep = ~sorted_contains(dropped.sort().values, flat)
+        new_flat = torch.cat([flat[keep], grown])
+        order = torch.argsort(new_flat)
+        old_nnz = module.nnz
+
+        def carry(per_weight: torch.Tensor) -> torch.Tensor:
+            """Kept entries keep their value/state, grown ones start at zero; sorted like new_flat."""
+            fresh = torch.zeros(grown.numel(), dtype=per_weight.dtype, device=per_weight.device)
+            return torch.cat([per_weight[keep], fresh])[order]
+
+        for optimizer in optimizers:
+            state = optimizer.state.get(module.values, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == (old_nnz,):
+                    state[key] = carry(value)
+        module.set_pattern(new_flat[order], carry(module.values.data))
+        module.ever_active = torch.cat([module.ever_active, grown]).unique()
+
+    def after_step(self) -> None:
+        """Nothing to restore: pruned weights do not exist."""
+
+    def ever_active_count(self) -> int:
+        return self.module.ever_active.numel()
+
+    def remove(self) -> None:
+        """No hooks to detach."""
+
+
+def to_csr(model: nn.Module, name: str, linear: nn.Linear, flat: torch.Tensor) -> CSRLayer:
+    """Replace the `nn.Linear` called `name` in `model` by a `CSRLinear` holding the weights at
+    the sorted flat positions `flat`."""
+    if not isinstance(linear, nn.Linear):
+        raise ValueError(
+            f"backend 'csr' supports nn.Linear layers only; {name} is {type(linear).__name__} "
+            "(exclude it, or use backend 'masked')"
+        )
+    if name == "model":
+        raise ValueError("backend 'csr' replaces layers inside a model; wrap a bare nn.Linear in nn.Sequential")
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    module = CSRLinear.from_linear(linear, flat)
+    setattr(parent, child, module)
+    return CSRLayer(name, module)
+
+
+def memory_report(layers: Sequence[CSRLayer]) -> list[dict]:
+    return [{"name": l.name, **l.module.memory_bytes()} for l in layers]
+
+
+__all__ = ["CSRLayer", "CSRLinear", "memory_report", "to_csr"]

@@ -1,0 +1,181 @@
+"""The csr backend against the masked backend (the oracle): same results for the same seed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from neuroplast.dst import DSTEngine, preset
+from neuroplast.models import CNN, MLP
+from neuroplast.sparse import sparsify
+from neuroplast.sparse.csr import CSRLinear
+
+
+def pair(density=0.1, seed=0, widths=(48, 40), n_in=30):
+    """The same model, sparsified by both backends from the same seed."""
+    models, topologies = [], []
+    for backend in ("masked", "csr"):
+        torch.manual_seed(seed)
+        model = MLP(n_in, widths, 5)
+        topologies.append(sparsify(model, density, "erk", backend=backend, generator=torch.Generator().manual_seed(seed)))
+        models.append(model)
+    return models, topologies
+
+
+def live_weights(topology) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {name: layer.live() for name, layer in topology.layers.items()}
+
+
+def assert_same_topology(masked, csr, atol=1e-6):
+    for name in masked.layers:
+        (mv, mf), (cv, cf) = masked.layers[name].live(), csr.layers[name].live()
+        assert torch.equal(mf, cf), f"{name}: different live positions"
+        torch.testing.assert_close(mv, cv, atol=atol, rtol=1e-5)
+
+
+def batch(seed, n_in=30, n=16):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, n_in, generator=g), torch.randint(0, 5, (n,), generator=g)
+
+
+def test_csr_layers_hold_only_live_weights():
+    (masked, csr), (tm, tc) = pair()
+    assert all(isinstance(l.module, CSRLinear) for l in tc.layers.values())
+    assert not any(p.dim() == 2 for p in csr.parameters()), "no dense weight may exist in the csr model"
+    assert tm.density() == tc.density() and [s.nnz for s in tm.stats()] == [s.nnz for s in tc.stats()]
+    assert_same_topology(tm, tc)
+
+
+def test_forward_and_gradients_match_the_masked_backend():
+    (masked, csr), (tm, tc) = pair()
+    x, y = batch(0)
+    xm, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    lm, lc = F.cross_entropy(masked(xm), y), F.cross_entropy(csr(xc), y)
+    torch.testing.assert_close(lm, lc)
+    lm.backward()
+    lc.backward()
+    torch.testing.assert_close(xm.grad, xc.grad, atol=1e-6, rtol=1e-5)
+    for name in tm.layers:
+        mask_layer, csr_layer = tm.layers[name], tc.layers[name]
+        _, flat = csr_layer.live()
+        values_grad = csr_layer.module.values.grad
+        assert values_grad.shape == (csr_layer.nnz,), "the csr weight gradient must be per live weight, never dense"
+        torch.testing.assert_close(values_grad, mask_layer.weight.grad.view(-1)[flat], atol=1e-6, rtol=1e-5)
+
+
+def test_gradient_check_of_the_sparse_function():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(7, 5).double()
+    flat = torch.tensor([0, 3, 8, 9, 13, 20, 21, 22, 34])
+    layer = CSRLinear.from_linear(linear, flat)
+    x = torch.randn(4, 7, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, v: torch.nn.functional.linear(x, _dense(layer, v)), (x, layer.values))
+    assert torch.autograd.gradcheck(lambda x: layer(x), (x,))
+
+
+def _dense(layer, values):
+    dense = torch.zeros(layer.out_features * layer.in_features, dtype=values.dtype)
+    return dense.index_put((layer.flat_index(),), values).view(layer.out_features, layer.in_features)
+
+
+@pytest.mark.parametrize("method", ["set", "rigl"])
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
+def test_training_with_rewiring_matches_the_masked_backend(method, optimizer_name):
+    (masked, csr), (tm, tc) = pair(density=0.15)
+    engines, optimizers = [], []
+    for model, topology in ((masked, tm), (csr, tc)):
+        if optimizer_name == "sgd":
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)
+        else:
+            optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.05)
+        topology.attach(optimizer)
+        optimizers.append(optimizer)
+        engines.append(DSTEngine(topology, preset(method, update_every=4), total_steps=40, steps_per_epoch=4, seed=3))
+    for step in range(24):
+        x, y = batch(step)
+        for model, optimizer, engine in zip((masked, csr), optimizers, engines):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            engine.step()
+        assert_same_topology(tm, tc, atol=1e-5)
+    assert len(engines[0].history) == len(engines[1].history) == 6  # steps 4, 8, ..., 24
+    for update_m, update_c in zip(engines[0].history, engines[1].history):
+        assert [(l.live, l.dropped, l.grown, l.r_s) for l in update_m.layers] == \
+            [(l.live, l.dropped, l.grown, l.r_s) for l in update_c.layers]
+    # optimizer state carried across rewiring: equal at every live position
+    for name in tm.layers:
+        _, flat = tc.layers[name].live()
+        state_m = optimizers[0].state[tm.layers[name].weight]
+        state_c = optimizers[1].state[tc.layers[name].module.values]
+        for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+            if key in state_m:
+                torch.testing.assert_close(state_c[key], state_m[key].view(-1)[flat], atol=1e-5, rtol=1e-4)
+
+
+def test_index_arrays_are_valid_after_rewiring():
+    (_, csr), (_, tc) = pair()
+    engine = DSTEngine(tc, preset("set", update_every=1), total_steps=10, steps_per_epoch=1)
+    for _ in range(3):
+        engine.update()
+    with torch.sparse.check_sparse_tensor_invariants():
+        x, y = batch(0)
+        F.cross_entropy(csr(x), y).backward()
+    for layer in tc.layers.values():
+        module = layer.module
+        assert torch.all(module.crow.diff() >= 0) and module.crow[-1] == module.nnz
+        flat = module.flat_index()
+        assert torch.all(flat.diff() > 0), "positions sorted and distinct"
+        transposed = torch.sparse_csr_tensor(module.crow_t, module.col_t, module.values.detach()[module.perm_t],
+                                             (module.in_features, module.out_features), check_invariants=True)
+        assert torch.equal(transposed.to_dense(), module.to_dense().t())
+
+
+def test_csr_state_dict_roundtrips_across_topologies():
+    (_, csr), (_, tc) = pair(seed=0)
+    engine = DSTEngine(tc, preset("set", update_every=1), total_steps=10, steps_per_epoch=1)
+    engine.update()  # grow the ever-active set: its size differs from a fresh model's
+    state = csr.state_dict()
+    (_, other), _ = pair(seed=1)  # different nnz per layer
+    other.load_state_dict(state)
+    x, _ = batch(0)
+    torch.testing.assert_close(other(x), csr(x))
+    for key, value in csr.state_dict().items():
+        assert torch.equal(value, other.state_dict()[key]), key
+
+
+def test_csr_rejects_convolutions():
+    with pytest.raises(ValueError, match="backend 'csr' supports nn.Linear layers only; features.0 is Conv2d"):
+        sparsify(CNN(1, 28, 10), 0.1, backend="csr")
+
+
+@pytest.mark.parametrize("method", ["set", "rigl"])
+def test_trainer_csr_matches_masked_and_resumes_exactly(tmp_path, method):
+    from neuroplast.train import RunConfig, train
+
+    def config(backend):
+        return RunConfig(dataset="digits", method=method, backend=backend, hidden=[64, 64], epochs=4,
+                         batch_size=64, density=0.1, update_every=7 if method == "rigl" else None)
+
+    def metrics(folder):
+        import json
+
+        return [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
+
+    train(config("masked"), tmp_path / "masked", progress=False, log=None)
+    train(config("csr"), tmp_path / "csr", progress=False, log=None)
+    for a, b in zip(metrics(tmp_path / "masked"), metrics(tmp_path / "csr")):
+        assert a["layers"] == b["layers"] and a["r_s"] == b["r_s"]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert abs(a["test_accuracy"] - b["test_accuracy"]) <= 0.005
+
+    def crash_after_epoch_2(record):
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config("csr"), tmp_path / "resumed", progress=False, log=None, on_epoch_end=crash_after_epoch_2)
+    train(config("csr"), tmp_path / "resumed", resume=True, progress=False, log=None)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
+    assert strip(metrics(tmp_path / "resumed")) == strip(metrics(tmp_path / "csr"))
