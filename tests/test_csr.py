@@ -179,3 +179,31 @@ def test_trainer_csr_matches_masked_and_resumes_exactly(tmp_path, method):
     train(config("csr"), tmp_path / "resumed", resume=True, progress=False, log=None)
     strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
     assert strip(metrics(tmp_path / "resumed")) == strip(metrics(tmp_path / "csr"))
+
+
+@pytest.mark.skipif(__import__("neuroplast.sparse.kernels", fromlist=["backend"]).backend() != "numba",
+                    reason="numba kernels not available")
+@pytest.mark.parametrize("batch", [1, 5, 128])
+def test_numba_kernels_match_torch_sparse(monkeypatch, batch):
+    from neuroplast.sparse import kernels
+
+    g = torch.Generator().manual_seed(batch)
+    rows, cols = 37, 23
+    density = torch.rand(rows, 1, generator=g)  # rows from empty to dense: every unroll tail occurs
+    mask = torch.rand(rows, cols, generator=g) < density
+    mask[3] = False
+    flat = mask.view(-1).nonzero().squeeze(1)
+    layer = CSRLinear.from_linear(torch.nn.Linear(cols, rows), flat)
+    xt, gt = torch.randn(cols, batch, generator=g), torch.randn(rows, batch, generator=g)
+    results = {}
+    for which in ("numba", "torch"):
+        monkeypatch.setenv("NEUROPLAST_KERNELS", which)
+        results[which] = (
+            kernels.spmm_t(layer.pattern, layer.values, xt, rows),
+            kernels.spmm_t(layer.pattern_t, layer.values, gt, cols),
+            kernels.sddmm(layer.pattern, gt, xt),
+            kernels.spmm_t(layer.pattern, layer.values, xt, rows, bias=layer.bias),
+            kernels.transposed(xt),
+        )
+    for fast, reference in zip(results["numba"], results["torch"]):
+        torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)

@@ -4,9 +4,12 @@
 as index buffers (`crow`, `col`, rows sorted, columns sorted within a row). Forward and both
 backward products cost O(nnz x batch):
 
-    y  = W x          spmm with W          (torch.sparse.mm)
+    y  = W x          spmm with W
     dx = W^T g        spmm with W^T        (a transposed pattern, rebuilt when the topology changes)
-    dW = g^T x        only at the live positions (SDDMM: torch.sparse.sampled_addmm)
+    dW = g^T x        only at the live positions (SDDMM)
+
+The products run in parallel numba kernels (`sparse/kernels.py`), or in torch.sparse (MKL spmm
+and `sampled_addmm`) where numba is missing.
 
 Stock autograd through `F.linear(x, W_csr)` silently returns a *dense* weight gradient, which
 an optimizer step would densify; the custom Function here never does. Optimizers see a normal
@@ -23,19 +26,13 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from neuroplast.sparse.kernels import CSRArrays, sddmm, spmm_t, transposed
 from neuroplast.sparse.layer import Candidates, SparseLayer
 
 CHUNK_ELEMENTS = 1 << 22  # dense-gradient block size for growth: 4M floats (16 MiB)
 
 # torch warns once per process that CSR support is "beta"; the paths used here are tested.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-
-
-def csr_tensor(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """A CSR tensor of arrays built here (sorted, in range): skip the O(nnz) validation, unless
-    a caller turns it on with `torch.sparse.check_sparse_tensor_invariants`."""
-    check = torch.sparse.check_sparse_tensor_invariants.is_enabled()
-    return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=check)
 
 
 def csr_pattern(flat: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,28 +44,34 @@ def csr_pattern(flat: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor,
 
 
 class _SparseLinearFunction(torch.autograd.Function):
+    """y = x W^T with W = CSR(layer.crow, layer.col, values). Activations are handled as
+    (features, batch) so every product walks CSR rows over contiguous batch vectors."""
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, values: torch.Tensor, layer: CSRLinear) -> torch.Tensor:
-        weight = csr_tensor(layer.crow, layer.col, values, (layer.out_features, layer.in_features))
-        ctx.save_for_backward(x, values)
+    def forward(ctx, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, layer: CSRLinear) -> torch.Tensor:
+        # The output is a transposed view of a (features, batch) array; elementwise ops keep that
+        # layout, so the next CSRLinear gets its x^T without a copy.
+        xt = transposed(x)
+        ctx.save_for_backward(xt, values)
         ctx.layer = layer
-        return torch.sparse.mm(weight, x.t()).t()
+        ctx.has_bias = bias is not None
+        return spmm_t(layer.pattern, values, xt, layer.out_features, bias=bias).t()
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        x, values = ctx.saved_tensors
+        xt, values = ctx.saved_tensors
         layer: CSRLinear = ctx.layer
-        grad_x = grad_values = None
+        gt = transposed(grad_output)
+        grad_x = grad_values = grad_bias = None
         if ctx.needs_input_grad[0]:
-            weight_t = csr_tensor(layer.crow_t, layer.col_t, values[layer.perm_t], (layer.in_features, layer.out_features))
-            grad_x = torch.sparse.mm(weight_t, grad_output.t()).t()
+            grad_x = spmm_t(layer.pattern_t, values, gt, layer.in_features).t()
         if ctx.needs_input_grad[1]:
-            pattern = csr_tensor(layer.crow, layer.col, torch.zeros_like(values), (layer.out_features, layer.in_features))
-            sampled = torch.sparse.sampled_addmm(pattern, grad_output.t().contiguous(), x, beta=0.0)
-            grad_values = sampled.values()
+            grad_values = sddmm(layer.pattern, gt, xt)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = gt.sum(1)
         if layer.capture:
-            layer.captured = (x.detach(), grad_output.detach())
-        return grad_x, grad_values, None
+            layer.captured = (xt, gt)
+        return grad_x, grad_values, grad_bias, None
 
 
 class CSRLinear(nn.Module):
@@ -113,6 +116,22 @@ class CSRLinear(nn.Module):
         self.crow_t[1:] = torch.cumsum(torch.bincount(self.col, minlength=self.in_features), 0)
 
     @property
+    def pattern(self) -> CSRArrays:
+        """W's pattern for the kernels; rebuilt whenever the index buffers are replaced
+        (a rewiring, a state_dict load, a move to another device)."""
+        if getattr(self, "_pattern", None) is None or self._pattern.crow is not self.crow or self._pattern.col is not self.col:
+            self._pattern = CSRArrays(self.crow, self.col)
+        return self._pattern
+
+    @property
+    def pattern_t(self) -> CSRArrays:
+        """W^T's pattern and the permutation from W's values to W^T's."""
+        cached = getattr(self, "_pattern_t", None)
+        if cached is None or cached.crow is not self.crow_t or cached.col is not self.col_t or cached.perm is not self.perm_t:
+            self._pattern_t = CSRArrays(self.crow_t, self.col_t, self.perm_t)
+        return self._pattern_t
+
+    @property
     def nnz(self) -> int:
         return self.values.numel()
 
@@ -122,9 +141,7 @@ class CSRLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat_x = x.reshape(-1, self.in_features)
-        y = _SparseLinearFunction.apply(flat_x, self.values, self)
-        if self.bias is not None:
-            y = y + self.bias
+        y = _SparseLinearFunction.apply(flat_x, self.values, self.bias, self)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def to_dense(self) -> torch.Tensor:
@@ -216,13 +233,13 @@ class CSRLayer(SparseLayer):
     def dense_grad_chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.module.captured is None:
             raise RuntimeError(f"layer {self.name}: no gradient was captured for this update")
-        x, grad_output = self.module.captured
+        xt, gt = self.module.captured  # (in, batch), (out, batch)
         n_in = self.module.in_features
         rows = max(1, CHUNK_ELEMENTS // n_in)
         for start in range(0, self.module.out_features, rows):
             stop = min(start + rows, self.module.out_features)
-            block = grad_output[:, start:stop].t() @ x  # (rows, in): the dense gradient of those rows
-            yield torch.arange(start * n_in, stop * n_in, device=x.device), block.reshape(-1)
+            block = gt[start:stop] @ xt.t()  # (rows, in): the dense gradient of those rows
+            yield torch.arange(start * n_in, stop * n_in, device=xt.device), block.reshape(-1)
 
     def clear_signals(self) -> None:
         self.module.captured = None

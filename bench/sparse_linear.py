@@ -1,0 +1,113 @@
+"""Forward+backward time of one sparse Linear layer: dense vs masked vs neuroplast csr vs sparselab.
+
+    python bench/sparse_linear.py [--reps 7] [--threads 2] [--out results.md]
+
+Batch 128; both backward products (dx and dW) are computed, as in a hidden layer. In each cell
+the implementations take turns, round after round (`--reps` rounds, each sample >= 20 ms of
+repeated steps), all in this one process, and each column is the median: the ratios compare
+like with like even while a shared machine drifts. `sparselab` (PyPI, 0.2.2) is optional: without it its column is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from neuroplast.sparse import sparsify
+
+SHAPES = [(4096, 4096), (1000, 784)]  # (out, in)
+SPARSITIES = [0.90, 0.95, 0.99]
+BATCH = 128
+
+
+def fwd_bwd_step(layer: nn.Module, x: torch.Tensor, grad_y: torch.Tensor) -> None:
+    x.grad = None
+    for p in layer.parameters():
+        p.grad = None
+    layer(x).backward(grad_y)
+
+
+def time_cell(layers: dict[str, nn.Module], x: torch.Tensor, reps: int, min_sample_s: float = 0.02) -> dict[str, float]:
+    """Median ms per fwd+bwd of each layer. The layers take turns within every round, so drift
+    of a shared machine hits all of them alike; a sample repeats the step for >= min_sample_s."""
+    grad_y = torch.randn(x.shape[0], next(iter(layers.values()))(x).shape[1])
+    inner = {}
+    for kind, layer in layers.items():
+        for _ in range(3):
+            fwd_bwd_step(layer, x, grad_y)  # warm-up (and numba compilation)
+        start = time.perf_counter()
+        fwd_bwd_step(layer, x, grad_y)
+        inner[kind] = max(1, int(min_sample_s / max(time.perf_counter() - start, 1e-6)))
+    samples: dict[str, list[float]] = {kind: [] for kind in layers}
+    for _ in range(reps):
+        for kind, layer in layers.items():
+            start = time.perf_counter()
+            for _ in range(inner[kind]):
+                fwd_bwd_step(layer, x, grad_y)
+            samples[kind].append((time.perf_counter() - start) / inner[kind] * 1e3)
+    return {kind: statistics.median(values) for kind, values in samples.items()}
+
+
+def build(kind: str, n_out: int, n_in: int, sparsity: float) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "sparselab":
+        import sparselab
+        import sparselab.ops
+
+        # sparselab caches W^T by id(W); a new layer at a freed layer's address would hit a
+        # stale entry (its documented limitation), so start each layer with an empty cache.
+        sparselab.ops._transpose_cache.clear()
+        return sparselab.SparseLinear(n_in, n_out, sparsity=sparsity)
+    model = nn.Sequential(nn.Linear(n_in, n_out))
+    if kind != "dense":
+        sparsify(model, 1 - sparsity, "uniform", backend=kind, generator=torch.Generator().manual_seed(0))
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", help="also write the table (markdown) to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    try:
+        import sparselab  # noqa: F401
+
+        kinds = ["dense", "masked", "csr", "sparselab"]
+    except ImportError:
+        print("sparselab is not installed (pip install sparselab==0.2.2): its column is skipped")
+        kinds = ["dense", "masked", "csr"]
+
+    header = "| layer (out x in) | sparsity | dense ms | masked ms | csr ms | " + (
+        "sparselab ms | csr vs dense | csr vs sparselab |" if "sparselab" in kinds else "csr vs dense |"
+    )
+    lines = [
+        f"fwd+bwd (dx and dW), batch {BATCH}, fp32, {torch.get_num_threads()} threads, median of {args.reps}; "
+        f"torch {torch.__version__}",
+        "",
+        header,
+        "|" + "---|" * (header.count("|") - 1),
+    ]
+    print("\n".join(lines), flush=True)
+    for n_out, n_in in SHAPES:
+        for sparsity in SPARSITIES:
+            x = torch.randn(BATCH, n_in, requires_grad=True)
+            ms = time_cell({kind: build(kind, n_out, n_in, sparsity) for kind in kinds}, x, args.reps)
+            row = f"| {n_out} x {n_in} | {sparsity:.0%} | " + " | ".join(f"{ms[k]:.2f}" for k in kinds)
+            row += f" | {ms['dense'] / ms['csr']:.2f}x |"
+            if "sparselab" in kinds:
+                row += f" {ms['sparselab'] / ms['csr']:.2f}x |"
+            lines.append(row)
+            print(row, flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
