@@ -207,3 +207,20 @@ def test_numba_kernels_match_torch_sparse(monkeypatch, batch):
         )
     for fast, reference in zip(results["numba"], results["torch"]):
         torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_kernels_leave_torchs_thread_count_alone():
+    """numba's OpenMP layer shares the runtime with torch; a kernel must not change torch's count."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; torch.set_num_threads(1)\n"
+        "from neuroplast.sparse.csr import CSRLinear\n"
+        "layer = CSRLinear.random(100, 50, 500)\n"
+        "x = torch.randn(8, 100, requires_grad=True); layer(x).sum().backward()\n"
+        "print(torch.get_num_threads())\n"
+    )
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.strip().splitlines()[-1] == "1"

@@ -108,6 +108,24 @@ class CSRLinear(nn.Module):
         bias = linear.bias.detach() if linear.bias is not None else None
         return cls(linear.in_features, linear.out_features, flat, values, bias).to(linear.weight.device)
 
+    @classmethod
+    def random(
+        cls, in_features: int, out_features: int, nnz: int, generator: torch.Generator | None = None, bias: bool = True
+    ) -> CSRLinear:
+        """A layer with `nnz` uniformly placed live weights, built without any tensor of the full
+        shape (so it can be far larger than memory would allow densely). Values are nn.Linear's
+        default init scaled to each unit's live fan-in, as `sparsify(rescale_init=True)` does."""
+        from neuroplast.sparse.topology import sample_positions
+
+        flat = sample_positions(in_features * out_features, nnz, generator)
+        live_fan_in = torch.bincount(flat // in_features, minlength=out_features).clamp_min(1)
+        bound = (1.0 / live_fan_in.float().sqrt())[flat // in_features]
+        values = (torch.rand(nnz, generator=generator) * 2 - 1) * bound
+        bias_values = None
+        if bias:
+            bias_values = (torch.rand(out_features, generator=generator) * 2 - 1) / in_features**0.5
+        return cls(in_features, out_features, flat, values, bias_values)
+
     def _build_transpose(self) -> None:
         row = torch.repeat_interleave(torch.arange(self.out_features, device=self.col.device), self.crow.diff())
         self.perm_t = torch.argsort(self.col * self.out_features + row)

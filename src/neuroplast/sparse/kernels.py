@@ -100,10 +100,16 @@ if numba is not None:
                 k += 1
 
 
-def _sync_threads() -> None:
-    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
-    if numba.get_num_threads() != threads:
-        numba.set_num_threads(threads)
+def _launch(kernel, *args) -> None:
+    """Run a compiled kernel on torch's thread count. numba's OpenMP layer shares the OpenMP
+    runtime with torch and can leave torch's count changed: put it back."""
+    threads = torch.get_num_threads()
+    wanted = min(threads, numba.config.NUMBA_NUM_THREADS)
+    if numba.get_num_threads() != wanted:
+        numba.set_num_threads(wanted)
+    kernel(*args)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 SMALL_TRANSPOSE = 1 << 20  # elements; below this the numba transpose beats torch's copy (measured)
@@ -115,8 +121,7 @@ def transposed(a: torch.Tensor) -> torch.Tensor:
         return a.t()
     if backend() == "numba" and a.numel() < SMALL_TRANSPOSE and a.device.type == "cpu" and a.dtype == torch.float32:
         out = torch.empty(a.shape[1], a.shape[0], dtype=a.dtype)
-        _sync_threads()
-        _transpose(a.detach().numpy(), out.numpy())
+        _launch(_transpose, a.detach().numpy(), out.numpy())
         return out
     return a.t().contiguous()
 
@@ -132,11 +137,10 @@ def spmm_t(
     pattern has a permutation else vals); xt is (columns of W, batch)."""
     xt = xt.contiguous()
     if backend() == "numba" and xt.device.type == "cpu" and xt.dtype == torch.float32:
-        _sync_threads()
         out = torch.empty(rows, xt.shape[1], dtype=xt.dtype)
         crow, col, perm = pattern.numpy()
         bias_np = (bias if bias is not None else vals).detach().numpy()
-        _spmm(crow, col, vals.detach().numpy(), perm, pattern.perm is not None, bias_np, bias is not None, xt.numpy(), out.numpy())
+        _launch(_spmm, crow, col, vals.detach().numpy(), perm, pattern.perm is not None, bias_np, bias is not None, xt.numpy(), out.numpy())
         return out
     values = vals[pattern.perm] if pattern.perm is not None else vals
     out = torch.sparse.mm(_csr(pattern.crow, pattern.col, values, (rows, xt.shape[0])), xt)
@@ -147,10 +151,9 @@ def sddmm(pattern: CSRArrays, gt: torch.Tensor, xt: torch.Tensor) -> torch.Tenso
     """(gt @ xt^T) at the positions of the pattern, in pattern order; gt is (rows, batch)."""
     gt, xt = gt.contiguous(), xt.contiguous()
     if backend() == "numba" and xt.device.type == "cpu" and xt.dtype == torch.float32:
-        _sync_threads()
         out = torch.empty(pattern.col.numel(), dtype=xt.dtype)
         crow, col, _ = pattern.numpy()
-        _sddmm(crow, col, gt.numpy(), xt.numpy(), out.numpy())
+        _launch(_sddmm, crow, col, gt.numpy(), xt.numpy(), out.numpy())
         return out
     zeros = torch.zeros(pattern.col.numel(), dtype=xt.dtype, device=xt.device)
     weights = _csr(pattern.crow, pattern.col, zeros, (gt.shape[0], xt.shape[0]))

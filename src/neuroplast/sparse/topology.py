@@ -67,6 +67,16 @@ class Topology:
         for layer in self.layers.values():
             layer.after_step()
 
+    @classmethod
+    def of_csr_layers(cls, model: nn.Module) -> Topology:
+        """The topology of a model built directly from `CSRLinear` layers."""
+        from neuroplast.sparse.csr import CSRLayer, CSRLinear
+
+        layers = {name: CSRLayer(name, m) for name, m in model.named_modules() if isinstance(m, CSRLinear)}
+        if not layers:
+            raise ValueError("the model has no CSRLinear layer")
+        return cls(layers)
+
     def stats(self) -> list[LayerStats]:
         return [LayerStats(name, layer.nnz, layer.size) for name, layer in self.layers.items()]
 

@@ -1,0 +1,99 @@
+"""Scale: a truly sparse SET-MLP of about 1,000,000 hidden neurons, one epoch on Fashion-MNIST.
+
+    python bench/scale_set_mlp.py [--hidden 333333] [--layers 3] [--epsilon 20] [--threads 2]
+
+The layers are built directly as CSR (ER-epsilon densities, SET's rule: nnz = epsilon (n_in +
+n_out), capped at dense); no tensor of a layer's full shape ever exists. One epoch of SGD
+(batch 128, lr 0.01, momentum 0.9), then one SET topology update (zeta 0.3) timed on its own,
+then the test accuracy. Peak memory is the process's max resident set size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neuroplast.data import BatchIterator, load_dataset
+from neuroplast.dst import DSTEngine, preset
+from neuroplast.sparse.csr import CSRLinear
+from neuroplast.sparse.topology import Topology
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=333_333)
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--epsilon", type=float, default=20.0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--limit", type=int, default=0, help="train on the first N images only (0: all)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+
+    data = load_dataset(args.dataset, flatten=True)
+    widths = [data.num_features] + [args.hidden] * args.layers + [data.num_classes]
+    start = time.perf_counter()
+    blocks: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
+        nnz = min(n_in * n_out, round(args.epsilon * (n_in + n_out)))
+        blocks.append(CSRLinear.random(n_in, n_out, nnz, generator))
+        if i < len(widths) - 2:
+            blocks.append(nn.ReLU())
+    model = nn.Sequential(*blocks)
+    topology = Topology.of_csr_layers(model)
+    build_seconds = time.perf_counter() - start
+    neurons = sum(widths[1:-1])
+    nnz_total = sum(layer.nnz for layer in topology.layers.values())
+    print(f"built {'-'.join(map(str, widths))} ({neurons:,} hidden neurons, {nnz_total:,} weights, "
+          f"density {topology.density():.2e}) in {build_seconds:.1f}s; peak memory {peak_rss_gib():.2f} GiB", flush=True)
+
+    x_train, y_train = data.x_train, data.y_train
+    if args.limit:
+        x_train, y_train = x_train[: args.limit], y_train[: args.limit]
+    batches = BatchIterator(x_train, y_train, 128, shuffle=True, generator=torch.Generator().manual_seed(1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    topology.attach(optimizer)
+    engine = DSTEngine(topology, preset("set"), total_steps=2 * len(batches), steps_per_epoch=len(batches))
+
+    start = time.perf_counter()
+    report_every = max(1, len(batches) // 20)
+    for step, (xb, yb) in enumerate(batches, 1):
+        loss = F.cross_entropy(model(xb), yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        engine.step()  # the first of two epochs: the rewiring comes at its end
+        if step % report_every == 0 or step == len(batches):
+            elapsed = time.perf_counter() - start
+            print(f"  step {step}/{len(batches)}  loss {loss.item():.4f}  {elapsed / 60:.1f} min "
+                  f"(eta {elapsed / step * (len(batches) - step) / 60:.1f} min)", flush=True)
+    epoch_minutes = (time.perf_counter() - start) / 60
+
+    start = time.perf_counter()
+    record = engine.update()
+    update_seconds = time.perf_counter() - start
+
+    with torch.no_grad():
+        model.eval()
+        correct = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in BatchIterator(data.x_test, data.y_test, 1000))
+    accuracy = correct / len(data.y_test)
+    print(f"\n| hidden neurons | weights | epoch (min) | SET update (s) | peak memory (GiB) | test accuracy |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {neurons:,} | {nnz_total:,} | {epoch_minutes:.1f} | {update_seconds:.1f} | {peak_rss_gib():.2f} | {100 * accuracy:.2f}% |")
+    print(f"(SET update: {sum(l.dropped for l in record.layers):,} connections dropped and regrown; "
+          f"{torch.get_num_threads()} threads, {len(x_train):,} training images)")
+
+
+if __name__ == "__main__":
+    main()
