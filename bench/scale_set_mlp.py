@@ -88,7 +88,7 @@ def main() -> None:
         model.eval()
         correct = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in BatchIterator(data.x_test, data.y_test, 1000))
     accuracy = correct / len(data.y_test)
-    print(f"\n| hidden neurons | weights | epoch (min) | SET update (s) | peak memory (GiB) | test accuracy |")
+    print("\n| hidden neurons | weights | epoch (min) | SET update (s) | peak memory (GiB) | test accuracy |")
     print("|---|---|---|---|---|---|")
     print(f"| {neurons:,} | {nnz_total:,} | {epoch_minutes:.1f} | {update_seconds:.1f} | {peak_rss_gib():.2f} | {100 * accuracy:.2f}% |")
     print(f"(SET update: {sum(l.dropped for l in record.layers):,} connections dropped and regrown; "

@@ -35,7 +35,7 @@ def main() -> None:
         config = RunConfig(dataset=args.dataset, method=method, backend=backend, density=args.density, epochs=args.epochs)
         epoch_seconds = []
         summary = train(config, None, progress=False, log=None, dataset=data,
-                        on_epoch_end=lambda record: epoch_seconds.append(record["seconds"]))
+                        on_epoch_end=lambda record, times=epoch_seconds: times.append(record["seconds"]))
         rows.append((name, statistics.median(epoch_seconds), summary["final_test_accuracy"]))
         print(f"{name}: {statistics.median(epoch_seconds):.2f} s/epoch, test accuracy {summary['final_test_accuracy']:.4f}", flush=True)
     dense_seconds = rows[0][1]

@@ -18,7 +18,7 @@ import torch
 from neuroplast.data import BatchIterator, DataError, load_dataset, parse_idx, read_cifar10_tarball
 from neuroplast.data import sources
 from neuroplast.data.datasets import is_available_offline, load_idx_folder
-from neuroplast.data.sources import FASHION_MNIST, MNIST, RemoteFile, Source, fetch
+from neuroplast.data.sources import MNIST, RemoteFile, Source, fetch
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

@@ -42,7 +42,7 @@ HELP = {
     "epsilon": "with --distribution er: SET's epsilon (no global budget)",
     "dense_first": "keep the first layer dense",
     "dense_last": "keep the last layer dense",
-    "backend": "sparse backend: masked",
+    "backend": "masked (dense weight x mask, any layer) or csr (truly sparse Linear layers)",
     "drop_fraction": "drop fraction (SET zeta, RigL alpha); default: the method's",
     "update_every": "steps between topology updates; default: the method's",
     "end_fraction": "stop topology updates after this fraction of training (RigL T_end)",

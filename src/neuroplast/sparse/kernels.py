@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import torch
 
 try:  # numba is a dependency, but the package must still work where it cannot be imported

@@ -159,6 +159,9 @@ def sparsify(
     Each chosen layer gets exactly k_l = round(d_l * N_l) live weights, drawn uniformly without
     replacement (seeded by `generator`); the others are set to zero.
 
+    backend: "masked" keeps each layer and masks its weight; "csr" replaces each `nn.Linear` by
+        a truly sparse `CSRLinear` (same live weights, same results; Conv2d is not supported).
+
     rescale_init: multiply each output unit's live weights by sqrt(fan_in / live fan_in), so a
         sparse layer starts with the activation variance of its dense initialisation (the
         sparse-aware init of Evci et al., "Gradient Flow in Sparse Neural Networks", AAAI 2022).
