@@ -55,8 +55,11 @@ def main() -> None:
     build_seconds = time.perf_counter() - start
     neurons = sum(widths[1:-1])
     nnz_total = sum(layer.nnz for layer in topology.layers.values())
-    print(f"built {'-'.join(map(str, widths))} ({neurons:,} hidden neurons, {nnz_total:,} weights, "
-          f"density {topology.density():.2e}) in {build_seconds:.1f}s; peak memory {peak_rss_gib():.2f} GiB", flush=True)
+    print(
+        f"built {'-'.join(map(str, widths))} ({neurons:,} hidden neurons, {nnz_total:,} weights, "
+        f"density {topology.density():.2e}) in {build_seconds:.1f}s; peak memory {peak_rss_gib():.2f} GiB",
+        flush=True,
+    )
 
     x_train, y_train = data.x_train, data.y_train
     if args.limit:
@@ -76,8 +79,11 @@ def main() -> None:
         engine.step()  # the first of two epochs: the rewiring comes at its end
         if step % report_every == 0 or step == len(batches):
             elapsed = time.perf_counter() - start
-            print(f"  step {step}/{len(batches)}  loss {loss.item():.4f}  {elapsed / 60:.1f} min "
-                  f"(eta {elapsed / step * (len(batches) - step) / 60:.1f} min)", flush=True)
+            print(
+                f"  step {step}/{len(batches)}  loss {loss.item():.4f}  {elapsed / 60:.1f} min "
+                f"(eta {elapsed / step * (len(batches) - step) / 60:.1f} min)",
+                flush=True,
+            )
     epoch_minutes = (time.perf_counter() - start) / 60
 
     start = time.perf_counter()
@@ -86,13 +92,19 @@ def main() -> None:
 
     with torch.no_grad():
         model.eval()
-        correct = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in BatchIterator(data.x_test, data.y_test, 1000))
+        correct = sum(
+            int((model(xb).argmax(1) == yb).sum()) for xb, yb in BatchIterator(data.x_test, data.y_test, 1000)
+        )
     accuracy = correct / len(data.y_test)
     print("\n| hidden neurons | weights | epoch (min) | SET update (s) | peak memory (GiB) | test accuracy |")
     print("|---|---|---|---|---|---|")
-    print(f"| {neurons:,} | {nnz_total:,} | {epoch_minutes:.1f} | {update_seconds:.1f} | {peak_rss_gib():.2f} | {100 * accuracy:.2f}% |")
-    print(f"(SET update: {sum(l.dropped for l in record.layers):,} connections dropped and regrown; "
-          f"{torch.get_num_threads()} threads, {len(x_train):,} training images)")
+    print(
+        f"| {neurons:,} | {nnz_total:,} | {epoch_minutes:.1f} | {update_seconds:.1f} | {peak_rss_gib():.2f} | {100 * accuracy:.2f}% |"
+    )
+    print(
+        f"(SET update: {sum(l.dropped for l in record.layers):,} connections dropped and regrown; "
+        f"{torch.get_num_threads()} threads, {len(x_train):,} training images)"
+    )
 
 
 if __name__ == "__main__":

@@ -31,16 +31,33 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     data = load_dataset(args.dataset, flatten=True)
     rows = []
-    for name, method, backend in (("dense", "dense", "masked"), ("masked SET", "set", "masked"), ("csr SET", "set", "csr")):
-        config = RunConfig(dataset=args.dataset, method=method, backend=backend, density=args.density, epochs=args.epochs)
+    for name, method, backend in (
+        ("dense", "dense", "masked"),
+        ("masked SET", "set", "masked"),
+        ("csr SET", "set", "csr"),
+    ):
+        config = RunConfig(
+            dataset=args.dataset, method=method, backend=backend, density=args.density, epochs=args.epochs
+        )
         epoch_seconds = []
-        summary = train(config, None, progress=False, log=None, dataset=data,
-                        on_epoch_end=lambda record, times=epoch_seconds: times.append(record["seconds"]))
+        summary = train(
+            config,
+            None,
+            progress=False,
+            log=None,
+            dataset=data,
+            on_epoch_end=lambda record, times=epoch_seconds: times.append(record["seconds"]),
+        )
         rows.append((name, statistics.median(epoch_seconds), summary["final_test_accuracy"]))
-        print(f"{name}: {statistics.median(epoch_seconds):.2f} s/epoch, test accuracy {summary['final_test_accuracy']:.4f}", flush=True)
+        print(
+            f"{name}: {statistics.median(epoch_seconds):.2f} s/epoch, test accuracy {summary['final_test_accuracy']:.4f}",
+            flush=True,
+        )
     dense_seconds = rows[0][1]
-    print(f"\n{args.dataset}, MLP 784-1000-1000-1000-10, density {args.density} (ERK), batch 128, "
-          f"{torch.get_num_threads()} threads, median of {args.epochs} epochs\n")
+    print(
+        f"\n{args.dataset}, MLP 784-1000-1000-1000-10, density {args.density} (ERK), batch 128, "
+        f"{torch.get_num_threads()} threads, median of {args.epochs} epochs\n"
+    )
     print("| model | s/epoch | speed-up vs dense | test accuracy |\n|---|---|---|---|")
     for name, seconds, accuracy in rows:
         print(f"| {name} | {seconds:.2f} | {dense_seconds / seconds:.2f}x | {100 * accuracy:.2f}% |")
@@ -51,7 +68,9 @@ def main() -> None:
         assert isinstance(layer, CSRLayer)
         memory = layer.module.memory_bytes()
         held = memory["values"] + memory["indices"] + memory["transpose"]
-        print(f"| {layer.name} | {layer.nnz} | {held:,} | {memory['dense_equivalent']:,} | {held / memory['dense_equivalent']:.3f} |")
+        print(
+            f"| {layer.name} | {layer.nnz} | {held:,} | {memory['dense_equivalent']:,} | {held / memory['dense_equivalent']:.3f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -73,7 +73,9 @@ def test_bad_config_files(capsys, tmp_path):
 def test_config_file_with_cli_override(capsys, tmp_path):
     config = tmp_path / "c.toml"
     config.write_text('dataset = "digits"\nmethod = "static"\nepochs = 5\nhidden = [32]\ndensity = 0.2\n')
-    code, out, err = run(capsys, "train", "--config", str(config), "--epochs", "2", "--out", str(tmp_path / "r"), "--quiet")
+    code, out, err = run(
+        capsys, "train", "--config", str(config), "--epochs", "2", "--out", str(tmp_path / "r"), "--quiet"
+    )
     assert code == 0, err
     written = tomllib.loads((tmp_path / "r" / "config.toml").read_text())
     assert written["epochs"] == 2 and written["method"] == "static" and written["hidden"] == [32]
@@ -89,8 +91,24 @@ def test_help_reads_well(capsys):
 
 
 def test_compare_writes_table_and_figure_and_skips_finished_cells(capsys, tmp_path):
-    argv = ["compare", "--dataset", "digits", "--methods", "dense,set", "--seeds", "0,1", "--epochs", "2",
-            "--hidden", "32", "--density", "0.2", "--out", str(tmp_path), "--quiet"]
+    argv = [
+        "compare",
+        "--dataset",
+        "digits",
+        "--methods",
+        "dense,set",
+        "--seeds",
+        "0,1",
+        "--epochs",
+        "2",
+        "--hidden",
+        "32",
+        "--density",
+        "0.2",
+        "--out",
+        str(tmp_path),
+        "--quiet",
+    ]
     code, out, err = run(capsys, *argv)
     assert code == 0, err
     table = (tmp_path / "results.md").read_text()

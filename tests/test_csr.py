@@ -18,7 +18,9 @@ def pair(density=0.1, seed=0, widths=(48, 40), n_in=30):
     for backend in ("masked", "csr"):
         torch.manual_seed(seed)
         model = MLP(n_in, widths, 5)
-        topologies.append(sparsify(model, density, "erk", backend=backend, generator=torch.Generator().manual_seed(seed)))
+        topologies.append(
+            sparsify(model, density, "erk", backend=backend, generator=torch.Generator().manual_seed(seed))
+        )
         models.append(model)
     return models, topologies
 
@@ -102,8 +104,9 @@ def test_training_with_rewiring_matches_the_masked_backend(method, optimizer_nam
         assert_same_topology(tm, tc, atol=1e-5)
     assert len(engines[0].history) == len(engines[1].history) == 6  # steps 4, 8, ..., 24
     for update_m, update_c in zip(engines[0].history, engines[1].history):
-        assert [(l.live, l.dropped, l.grown, l.r_s) for l in update_m.layers] == \
-            [(l.live, l.dropped, l.grown, l.r_s) for l in update_c.layers]
+        assert [(l.live, l.dropped, l.grown, l.r_s) for l in update_m.layers] == [
+            (l.live, l.dropped, l.grown, l.r_s) for l in update_c.layers
+        ]
     # optimizer state carried across rewiring: equal at every live position
     for name in tm.layers:
         _, flat = tc.layers[name].live()
@@ -127,8 +130,13 @@ def test_index_arrays_are_valid_after_rewiring():
         assert torch.all(module.crow.diff() >= 0) and module.crow[-1] == module.nnz
         flat = module.flat_index()
         assert torch.all(flat.diff() > 0), "positions sorted and distinct"
-        transposed = torch.sparse_csr_tensor(module.crow_t, module.col_t, module.values.detach()[module.perm_t],
-                                             (module.in_features, module.out_features), check_invariants=True)
+        transposed = torch.sparse_csr_tensor(
+            module.crow_t,
+            module.col_t,
+            module.values.detach()[module.perm_t],
+            (module.in_features, module.out_features),
+            check_invariants=True,
+        )
         assert torch.equal(transposed.to_dense(), module.to_dense().t())
 
 
@@ -155,8 +163,16 @@ def test_trainer_csr_matches_masked_and_resumes_exactly(tmp_path, method):
     from neuroplast.train import RunConfig, train
 
     def config(backend):
-        return RunConfig(dataset="digits", method=method, backend=backend, hidden=[64, 64], epochs=4,
-                         batch_size=64, density=0.1, update_every=7 if method == "rigl" else None)
+        return RunConfig(
+            dataset="digits",
+            method=method,
+            backend=backend,
+            hidden=[64, 64],
+            epochs=4,
+            batch_size=64,
+            density=0.1,
+            update_every=7 if method == "rigl" else None,
+        )
 
     def metrics(folder):
         import json
@@ -181,8 +197,10 @@ def test_trainer_csr_matches_masked_and_resumes_exactly(tmp_path, method):
     assert strip(metrics(tmp_path / "resumed")) == strip(metrics(tmp_path / "csr"))
 
 
-@pytest.mark.skipif(__import__("neuroplast.sparse.kernels", fromlist=["backend"]).backend() != "numba",
-                    reason="numba kernels not available")
+@pytest.mark.skipif(
+    __import__("neuroplast.sparse.kernels", fromlist=["backend"]).backend() != "numba",
+    reason="numba kernels not available",
+)
 @pytest.mark.parametrize("batch", [1, 5, 128])
 def test_numba_kernels_match_torch_sparse(monkeypatch, batch):
     from neuroplast.sparse import kernels

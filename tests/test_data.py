@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from neuroplast.data import BatchIterator, DataError, load_dataset, parse_idx, read_cifar10_tarball
-from neuroplast.data import sources
+from neuroplast.data import BatchIterator, DataError, load_dataset, parse_idx, read_cifar10_tarball, sources
 from neuroplast.data.datasets import is_available_offline, load_idx_folder
 from neuroplast.data.sources import MNIST, RemoteFile, Source, fetch
 
@@ -115,8 +114,11 @@ def test_download_is_verified_before_it_lands(tmp_path, monkeypatch):
 def test_a_bad_mirror_falls_back_to_the_next(tmp_path, monkeypatch):
     monkeypatch.setenv("NEUROPLAST_DATA", str(tmp_path))
     payload = b"the real bytes"
-    source = Source("toy", ("https://bad.invalid/", "https://good.invalid/"),
-                    (RemoteFile("a.bin", hashlib.sha256(payload).hexdigest()),))
+    source = Source(
+        "toy",
+        ("https://bad.invalid/", "https://good.invalid/"),
+        (RemoteFile("a.bin", hashlib.sha256(payload).hexdigest()),),
+    )
 
     def fake_download(url, dest, progress):
         Path(dest).write_bytes(b"tampered" if "bad" in url else payload)

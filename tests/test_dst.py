@@ -36,8 +36,10 @@ def gradient_signals(grad: torch.Tensor, chunk: int | None = None) -> LayerSigna
     flat_grad = grad.reshape(-1)
     chunk = chunk or flat_grad.numel()
     return LayerSignals(
-        lambda: ((torch.arange(i, min(i + chunk, flat_grad.numel())), flat_grad[i : i + chunk])
-                 for i in range(0, flat_grad.numel(), chunk))
+        lambda: (
+            (torch.arange(i, min(i + chunk, flat_grad.numel())), flat_grad[i : i + chunk])
+            for i in range(0, flat_grad.numel(), chunk)
+        )
     )
 
 
@@ -254,8 +256,13 @@ def test_nnz_is_invariant_over_many_random_updates(density, fraction, method, wi
     model = MLP(16, widths, 4)
     topology = sparsify(model, density, "erk", generator=gen(seed))
     nnz = {n: int(l.weight_mask.sum()) for n, l in topology.layers.items()}
-    engine = DSTEngine(topology, preset(method, fraction=fraction, update_every=1, end_fraction=1.0),
-                       total_steps=10_000, steps_per_epoch=1, seed=seed)
+    engine = DSTEngine(
+        topology,
+        preset(method, fraction=fraction, update_every=1, end_fraction=1.0),
+        total_steps=10_000,
+        steps_per_epoch=1,
+        seed=seed,
+    )
     g = gen(seed)
     with torch.no_grad():
         for _ in range(50):

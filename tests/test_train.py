@@ -63,7 +63,9 @@ def test_digits_learns():
     assert summary["final_test_accuracy"] > 0.85
 
 
-@pytest.mark.parametrize("method,extra", [("set", {}), ("rigl", {"update_every": 7}), ("dense", {"optimizer": "adamw", "lr": 0.003})])
+@pytest.mark.parametrize(
+    "method,extra", [("set", {}), ("rigl", {"update_every": 7}), ("dense", {"optimizer": "adamw", "lr": 0.003})]
+)
 def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, method, extra):
     config = small(method, dropout=0.2, **extra)  # dropout: the global RNG must be restored too
     train(config, tmp_path / "straight", progress=False, log=None)
@@ -146,11 +148,31 @@ def test_a_crash_while_checkpointing_leaves_the_last_good_one(tmp_path, monkeypa
 
 def test_killed_process_resumes_to_the_same_metrics(tmp_path):
     """A real SIGKILL mid-run (not a polite exception), then `--resume`."""
-    args = [sys.executable, "-m", "neuroplast", "train", "--dataset", "digits", "--method", "rigl",
-            "--hidden", "256,256", "--epochs", "12", "--batch-size", "16", "--update-every", "20",
-            "--density", "0.1", "--quiet"]
+    args = [
+        sys.executable,
+        "-m",
+        "neuroplast",
+        "train",
+        "--dataset",
+        "digits",
+        "--method",
+        "rigl",
+        "--hidden",
+        "256,256",
+        "--epochs",
+        "12",
+        "--batch-size",
+        "16",
+        "--update-every",
+        "20",
+        "--density",
+        "0.1",
+        "--quiet",
+    ]
     subprocess.run([*args, "--out", str(tmp_path / "straight")], check=True, capture_output=True)
-    victim = subprocess.Popen([*args, "--out", str(tmp_path / "killed")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    victim = subprocess.Popen(
+        [*args, "--out", str(tmp_path / "killed")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     metrics_file = tmp_path / "killed" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and victim.poll() is None:

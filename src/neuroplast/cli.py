@@ -119,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     demo.add_argument("--out", default="runs/demo", metavar="DIR", help="folder for the runs (default runs/demo)")
-    demo.add_argument("--epochs", type=int, default=None, help="epochs per run (default: 3 on Fashion-MNIST, 30 on digits)")
+    demo.add_argument(
+        "--epochs", type=int, default=None, help="epochs per run (default: 3 on Fashion-MNIST, 30 on digits)"
+    )
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 

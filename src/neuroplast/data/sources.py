@@ -142,7 +142,9 @@ def _not_found_message(source: Source, reason: str) -> str:
     if source.dataset == "fashion-mnist":
         ways.append("install Debian's package: apt-get install dataset-fashion-mnist")
     else:
-        ways.append(f"copy {files} into the default cache folder {Path.home() / '.cache' / 'neuroplast' / source.dataset}")
+        ways.append(
+            f"copy {files} into the default cache folder {Path.home() / '.cache' / 'neuroplast' / source.dataset}"
+        )
     return f"{source.dataset} not found ({reason}); provide it one of three ways: " + "; ".join(
         f"({i}) {w}" for i, w in enumerate(ways, 1)
     )

@@ -17,7 +17,13 @@ PRESETS: dict[str, Algorithm] = {
     # RigL (Evci et al. 2020): every 100 steps until 75% of training, drop the smallest |w| with
     # a cosine-decaying fraction alpha=0.3, regrow where the dense |gradient| is largest.
     "rigl": Algorithm(
-        "rigl", drop="magnitude", grow="gradient", update_every=100, end_fraction=0.75, fraction=0.3, anneal="cosine",
+        "rigl",
+        drop="magnitude",
+        grow="gradient",
+        update_every=100,
+        end_fraction=0.75,
+        fraction=0.3,
+        anneal="cosine",
         regrown_is_kept=True,
     ),
 }

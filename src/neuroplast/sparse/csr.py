@@ -48,7 +48,9 @@ class _SparseLinearFunction(torch.autograd.Function):
     (features, batch) so every product walks CSR rows over contiguous batch vectors."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, layer: CSRLinear) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, layer: CSRLinear
+    ) -> torch.Tensor:
         # The output is a transposed view of a (features, batch) array; elementwise ops keep that
         # layout, so the next CSRLinear gets its x^T without a copy.
         xt = transposed(x)
@@ -137,7 +139,11 @@ class CSRLinear(nn.Module):
     def pattern(self) -> CSRArrays:
         """W's pattern for the kernels; rebuilt whenever the index buffers are replaced
         (a rewiring, a state_dict load, a move to another device)."""
-        if getattr(self, "_pattern", None) is None or self._pattern.crow is not self.crow or self._pattern.col is not self.col:
+        if (
+            getattr(self, "_pattern", None) is None
+            or self._pattern.crow is not self.crow
+            or self._pattern.col is not self.col
+        ):
             self._pattern = CSRArrays(self.crow, self.col)
         return self._pattern
 
@@ -145,7 +151,12 @@ class CSRLinear(nn.Module):
     def pattern_t(self) -> CSRArrays:
         """W^T's pattern and the permutation from W's values to W^T's."""
         cached = getattr(self, "_pattern_t", None)
-        if cached is None or cached.crow is not self.crow_t or cached.col is not self.col_t or cached.perm is not self.perm_t:
+        if (
+            cached is None
+            or cached.crow is not self.crow_t
+            or cached.col is not self.col_t
+            or cached.perm is not self.perm_t
+        ):
             self._pattern_t = CSRArrays(self.crow_t, self.col_t, self.perm_t)
         return self._pattern_t
 
@@ -202,7 +213,9 @@ class CSRLinear(nn.Module):
 
     def extra_repr(self) -> str:
         density = self.nnz / (self.in_features * self.out_features)
-        return f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, density={density:.4f}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, density={density:.4f}"
+        )
 
 
 def sorted_contains(sorted_values: torch.Tensor, query: torch.Tensor) -> torch.Tensor:

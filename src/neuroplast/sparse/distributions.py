@@ -77,7 +77,9 @@ def layer_densities(
     return {name: 1.0 if name in dense else eps * raw[name] for name in shapes}
 
 
-def layer_counts(shapes: Mapping[str, Sequence[int]], densities: Mapping[str, float], exact_total: bool = True) -> dict[str, int]:
+def layer_counts(
+    shapes: Mapping[str, Sequence[int]], densities: Mapping[str, float], exact_total: bool = True
+) -> dict[str, int]:
     """Integer live-weight counts k_l ~ d_l N_l. With `exact_total`, rounding is done by the
     largest-remainder method so that sum(k_l) == round(sum(d_l N_l)) exactly."""
     sizes = {name: math.prod(shape) for name, shape in shapes.items()}
@@ -86,7 +88,7 @@ def layer_counts(shapes: Mapping[str, Sequence[int]], densities: Mapping[str, fl
         return {name: min(sizes[name], max(1, round(t))) for name, t in target.items()}
     counts = {name: math.floor(t) for name, t in target.items()}
     missing = round(sum(target.values())) - sum(counts.values())
-    by_remainder = sorted(shapes, key=lambda n: (target[n] - counts[n]), reverse=True)
+    by_remainder = sorted(shapes, key=lambda n: target[n] - counts[n], reverse=True)
     for name in by_remainder:
         if missing <= 0:
             break

@@ -139,7 +139,18 @@ def spmm_t(
         out = torch.empty(rows, xt.shape[1], dtype=xt.dtype)
         crow, col, perm = pattern.numpy()
         bias_np = (bias if bias is not None else vals).detach().numpy()
-        _launch(_spmm, crow, col, vals.detach().numpy(), perm, pattern.perm is not None, bias_np, bias is not None, xt.numpy(), out.numpy())
+        _launch(
+            _spmm,
+            crow,
+            col,
+            vals.detach().numpy(),
+            perm,
+            pattern.perm is not None,
+            bias_np,
+            bias is not None,
+            xt.numpy(),
+            out.numpy(),
+        )
         return out
     values = vals[pattern.perm] if pattern.perm is not None else vals
     out = torch.sparse.mm(_csr(pattern.crow, pattern.col, values, (rows, xt.shape[0])), xt)
@@ -169,7 +180,11 @@ class CSRArrays:
 
     def numpy(self):
         if self._numpy is None:
-            self._numpy = (self.crow.numpy(), self.col.numpy(), (self.perm if self.perm is not None else self.crow).numpy())
+            self._numpy = (
+                self.crow.numpy(),
+                self.col.numpy(),
+                (self.perm if self.perm is not None else self.crow).numpy(),
+            )
         return self._numpy
 
 

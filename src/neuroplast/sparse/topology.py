@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from neuroplast.sparse.csr import to_csr
 from neuroplast.sparse.distributions import layer_counts, layer_densities
 from neuroplast.sparse.layer import SparseLayer
-from neuroplast.sparse.csr import to_csr
 from neuroplast.sparse.masked import MaskedLayer
 
 SPARSE_LAYER_TYPES = (nn.Linear, nn.Conv2d)

@@ -76,9 +76,7 @@ def layer_report(model: nn.Module, topology: Topology | None) -> list[dict]:
     """Per-layer name, density, nnz of the sparse layers (all Linear/Conv2d layers when dense)."""
     if topology is not None:
         return [{"name": s.name, "density": s.density, "nnz": s.nnz} for s in topology.stats()]
-    return [
-        {"name": name, "density": 1.0, "nnz": m.weight.numel()} for name, m in select_layers(model).items()
-    ]
+    return [{"name": name, "density": 1.0, "nnz": m.weight.numel()} for name, m in select_layers(model).items()]
 
 
 @torch.no_grad()
