@@ -187,7 +187,7 @@ def cmd_demo(args) -> int:
         )
     start = time.perf_counter()
     out = Path(args.out) / base.dataset
-    folders = run_grid(base, DEMO_METHODS, [0], out, progress=not args.quiet)
+    folders = run_grid(base, DEMO_METHODS, [0], out, progress=not args.quiet, log_epochs=False)
     title = f"demo: {base.dataset}, MLP {'-'.join(map(str, base.hidden))}, 95% sparsity (ERK), {base.epochs} epochs"
     _report(folders, out, title)
     print(f"demo finished in {time.perf_counter() - start:.0f}s")

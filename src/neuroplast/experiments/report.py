@@ -77,6 +77,13 @@ def summarize(runs: list[RunResult]) -> list[Row]:
     return rows
 
 
+def _accuracy(row: Row) -> str:
+    """Mean ± sample std over seeds; one seed has no spread to show."""
+    if row.seeds == 1:
+        return f"{100 * row.final_mean:.2f}"
+    return f"{100 * row.final_mean:.2f} ± {100 * row.final_std:.2f}"
+
+
 def markdown_table(rows: list[Row]) -> str:
     lines = [
         "| method | density | seeds | final test acc (%) | best test acc (%) | R_s | s/epoch |",
@@ -84,7 +91,7 @@ def markdown_table(rows: list[Row]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r.method} | {r.density:.3f} | {r.seeds} | {100 * r.final_mean:.2f} ± {100 * r.final_std:.2f} "
+            f"| {r.method} | {r.density:.3f} | {r.seeds} | {_accuracy(r)} "
             f"| {100 * r.best_mean:.2f} | {r.r_s:.3f} | {r.seconds_per_epoch:.1f} |"
         )
     return "\n".join(lines) + "\n"
@@ -102,7 +109,7 @@ def print_table(rows: list[Row], title: str) -> None:
             r.method,
             f"{r.density:.3f}",
             str(r.seeds),
-            f"{100 * r.final_mean:.2f} ± {100 * r.final_std:.2f}",
+            _accuracy(r),
             f"{100 * r.best_mean:.2f}",
             f"{r.r_s:.3f}",
             f"{r.seconds_per_epoch:.1f}",

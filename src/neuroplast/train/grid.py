@@ -37,8 +37,11 @@ def run_grid(
     out: str | Path,
     progress: bool = True,
     log: Callable[[str], None] | None = print,
+    log_epochs: bool = True,
 ) -> list[Path]:
-    """Train every (method, seed) cell of `base`; return the cell folders in grid order."""
+    """Train every (method, seed) cell of `base`; return the cell folders in grid order.
+
+    log_epochs: a line per epoch (else one line per finished cell)."""
     out = Path(out)
     configs = [replace(base, method=m, seed=s).validate() for m in methods for s in seeds]
     folders = [out / cell_name(c.method, c.seed) for c in configs]
@@ -49,5 +52,7 @@ def run_grid(
     for i, (config, folder) in enumerate(todo, 1):
         if log:
             log(f"[{i}/{len(todo)}] {folder.name}")
-        train(config, folder, resume=True, progress=progress, log=log, dataset=dataset)
+        summary = train(config, folder, resume=True, progress=progress, log=log if log_epochs else None, dataset=dataset)
+        if log and not log_epochs:
+            log(f"      final test accuracy {summary['final_test_accuracy']:.4f} in {summary['seconds']:.0f}s")
     return folders
