@@ -242,3 +242,38 @@ def test_kernels_leave_torchs_thread_count_alone():
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert out.strip().splitlines()[-1] == "1"
+
+
+def test_random_csr_layers_train_under_the_engine():
+    from torch import nn
+
+    from neuroplast.sparse.topology import Topology
+
+    generator = torch.Generator().manual_seed(0)
+    model = nn.Sequential(CSRLinear.random(30, 64, 300, generator), nn.ReLU(), CSRLinear.random(64, 5, 100, generator))
+    topology = Topology.of_csr_layers(model)
+    assert [layer.nnz for layer in topology.layers.values()] == [300, 100]
+    flat = topology.layers["0"].module.flat_index()
+    assert flat.unique().numel() == 300 and int(flat.max()) < 30 * 64
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    topology.attach(optimizer)
+    engine = DSTEngine(topology, preset("set", update_every=2), total_steps=20, steps_per_epoch=2)
+    for step in range(6):
+        x, y = batch(step)
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        engine.step()
+    assert len(engine.history) == 3 and [layer.nnz for layer in topology.layers.values()] == [300, 100]
+
+
+def test_sampling_positions_without_enumerating_them(monkeypatch):
+    from neuroplast.sparse import topology as topology_module
+
+    monkeypatch.setattr(topology_module, "ENUMERATE_UP_TO", 100)  # force the rejection sampler
+    positions = topology_module.sample_positions(10_000, 3_000, torch.Generator().manual_seed(0))
+    assert positions.numel() == 3_000 and positions.unique().numel() == 3_000
+    assert torch.all(positions.diff() > 0) and 0 <= int(positions.min()) and int(positions.max()) < 10_000
+    # uniform: each tenth of the range holds about a tenth of the positions
+    counts = torch.bincount(positions // 1_000, minlength=10)
+    assert int(counts.min()) > 240 and int(counts.max()) < 360
