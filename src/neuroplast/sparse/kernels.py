@@ -111,7 +111,7 @@ def _launch(kernel, *args) -> None:
         torch.set_num_threads(threads)
 
 
-SMALL_TRANSPOSE = 1 << 20  # elements; below this the numba transpose beats torch's copy (measured)
+SMALL_TRANSPOSE = 1 << 18  # elements; below this the numba transpose beats torch's copy (measured)
 
 
 def transposed(a: torch.Tensor) -> torch.Tensor:

@@ -52,7 +52,9 @@ def run_grid(
     for i, (config, folder) in enumerate(todo, 1):
         if log:
             log(f"[{i}/{len(todo)}] {folder.name}")
-        summary = train(config, folder, resume=True, progress=progress, log=log if log_epochs else None, dataset=dataset)
+        summary = train(
+            config, folder, resume=True, progress=progress, log=log if log_epochs else None, dataset=dataset
+        )
         if log and not log_epochs:
             log(f"      final test accuracy {summary['final_test_accuracy']:.4f} in {summary['seconds']:.0f}s")
     return folders
