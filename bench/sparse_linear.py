@@ -1,4 +1,5 @@
-"""Forward+backward time of one sparse Linear layer: dense vs masked vs neuroplast csr vs sparselab.
+"""Forward+backward time of one sparse Linear layer: dense, masked, neuroplast csr (on its
+torch.sparse fallback and on its numba kernels) and sparselab.
 
     python bench/sparse_linear.py [--reps 7] [--threads 2] [--out results.md]
 
@@ -11,30 +12,46 @@ like with like even while a shared machine drifts. `sparselab` (PyPI, 0.2.2) is 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
 import torch
 from torch import nn
 
-from neuroplast.sparse import sparsify
+from neuroplast.sparse import kernels, sparsify
 
 SHAPES = [(4096, 4096), (1000, 784)]  # (out, in)
 SPARSITIES = [0.90, 0.95, 0.99]
 BATCH = 128
 
 
+class TorchSparseKernels(nn.Module):
+    """A csr layer run on the pure torch.sparse path (the fallback and test oracle)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+
 def fwd_bwd_step(layer: nn.Module, x: torch.Tensor, grad_y: torch.Tensor) -> None:
     x.grad = None
     for p in layer.parameters():
         p.grad = None
+    if isinstance(layer, TorchSparseKernels):
+        os.environ["NEUROPLAST_KERNELS"] = "torch"
+        try:
+            layer.layer(x).backward(grad_y)
+        finally:
+            del os.environ["NEUROPLAST_KERNELS"]
+        return
     layer(x).backward(grad_y)
 
 
 def time_cell(layers: dict[str, nn.Module], x: torch.Tensor, reps: int, min_sample_s: float = 0.02) -> dict[str, float]:
     """Median ms per fwd+bwd of each layer. The layers take turns within every round, so drift
     of a shared machine hits all of them alike; a sample repeats the step for >= min_sample_s."""
-    grad_y = torch.randn(x.shape[0], next(iter(layers.values()))(x).shape[1])
+    grad_y = torch.randn(x.shape[0], layers["dense"](x).shape[1])
     inner = {}
     for kind, layer in layers.items():
         for _ in range(3):
@@ -64,8 +81,9 @@ def build(kind: str, n_out: int, n_in: int, sparsity: float) -> nn.Module:
         return sparselab.SparseLinear(n_in, n_out, sparsity=sparsity)
     model = nn.Sequential(nn.Linear(n_in, n_out))
     if kind != "dense":
-        sparsify(model, 1 - sparsity, "uniform", backend=kind, generator=torch.Generator().manual_seed(0))
-    return model
+        backend = "masked" if kind == "masked" else "csr"
+        sparsify(model, 1 - sparsity, "uniform", backend=backend, generator=torch.Generator().manual_seed(0))
+    return TorchSparseKernels(model) if kind == "csr-torch" else model
 
 
 def main() -> None:
@@ -78,12 +96,14 @@ def main() -> None:
     try:
         import sparselab  # noqa: F401
 
-        kinds = ["dense", "masked", "csr", "sparselab"]
+        kinds = ["dense", "masked", "csr-torch", "csr", "sparselab"]
     except ImportError:
         print("sparselab is not installed (pip install sparselab==0.2.2): its column is skipped")
-        kinds = ["dense", "masked", "csr"]
+        kinds = ["dense", "masked", "csr-torch", "csr"]
+    if kernels.backend() != "numba":
+        print("numba kernels unavailable: the csr column runs on torch.sparse too")
 
-    header = "| layer (out x in) | sparsity | dense ms | masked ms | csr ms | " + (
+    header = "| layer (out x in) | sparsity | dense ms | masked ms | csr, torch.sparse ms | csr, numba ms | " + (
         "sparselab ms | csr vs dense | csr vs sparselab |" if "sparselab" in kinds else "csr vs dense |"
     )
     lines = [

@@ -139,9 +139,12 @@ def plot_learning_curves(runs: list[RunResult], path: str | Path, title: str) ->
             low = [min(c[i] for c in curves) for i in range(length)]
             high = [max(c[i] for c in curves) for i in range(length)]
             ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
