@@ -9,8 +9,8 @@ test accuracy. Peak memory is the process's max resident set size.
 
 At this width every live weight reads one batch-length row of a (333k x batch) activation
 matrix far larger than the CPU caches, so memory traffic, not arithmetic, sets the pace. A
-smaller batch does not help: on 4,096 images, batch 32 projected to 43 min per epoch against
-35 min for batch 128 (the default).
+smaller batch does not help: runs with `--limit 4096` projected 43 min per epoch for batch 32
+against 35 min for batch 128 (the default).
 """
 
 from __future__ import annotations

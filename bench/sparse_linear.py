@@ -5,8 +5,9 @@ torch.sparse fallback and on its numba kernels) and sparselab.
 
 Batch 128; both backward products (dx and dW) are computed, as in a hidden layer. In each cell
 the implementations take turns, round after round (`--reps` rounds, each sample >= 20 ms of
-repeated steps), all in this one process, and each column is the median: the ratios compare
-like with like even while a shared machine drifts. `sparselab` (PyPI, 0.2.2) is optional: without it its column is skipped.
+repeated steps), all in this one process; times are medians over rounds and each ratio is the
+median of the per-round ratios, so they compare like with like even while a shared machine
+drifts. Before timing, the csr layers' outputs are checked against the masked layer's. `sparselab` (PyPI, 0.2.2) is optional: without it its column is skipped.
 """
 
 from __future__ import annotations
@@ -48,9 +49,12 @@ def fwd_bwd_step(layer: nn.Module, x: torch.Tensor, grad_y: torch.Tensor) -> Non
     layer(x).backward(grad_y)
 
 
-def time_cell(layers: dict[str, nn.Module], x: torch.Tensor, reps: int, min_sample_s: float = 0.02) -> dict[str, float]:
-    """Median ms per fwd+bwd of each layer. The layers take turns within every round, so drift
-    of a shared machine hits all of them alike; a sample repeats the step for >= min_sample_s."""
+def time_cell(
+    layers: dict[str, nn.Module], x: torch.Tensor, reps: int, min_sample_s: float = 0.02
+) -> dict[str, list[float]]:
+    """ms per fwd+bwd of each layer, one sample per round. The layers take turns within every
+    round, so drift of a shared machine hits all of them alike; a sample repeats the step for
+    >= min_sample_s."""
     grad_y = torch.randn(x.shape[0], layers["dense"](x).shape[1])
     inner = {}
     for kind, layer in layers.items():
@@ -66,7 +70,25 @@ def time_cell(layers: dict[str, nn.Module], x: torch.Tensor, reps: int, min_samp
             for _ in range(inner[kind]):
                 fwd_bwd_step(layer, x, grad_y)
             samples[kind].append((time.perf_counter() - start) / inner[kind] * 1e3)
-    return {kind: statistics.median(values) for kind, values in samples.items()}
+    return samples
+
+
+def paired_ratio(slow: list[float], fast: list[float]) -> float:
+    """Median over rounds of slow/fast measured in the same round."""
+    return statistics.median(s / f for s, f in zip(slow, fast))
+
+
+def check_same_results(layers: dict[str, nn.Module], x: torch.Tensor) -> None:
+    """The masked and csr layers hold the same live weights: their outputs must agree."""
+    with torch.no_grad():
+        reference = layers["masked"](x)
+        for kind in ("csr", "csr-torch"):
+            layer = layers[kind].layer if isinstance(layers[kind], TorchSparseKernels) else layers[kind]
+            out = layer(x)
+            if not torch.allclose(out, reference, atol=1e-4, rtol=1e-4):
+                raise SystemExit(
+                    f"{kind} disagrees with the masked layer: max error {float((out - reference).abs().max())}"
+                )
 
 
 def build(kind: str, n_out: int, n_in: int, sparsity: float) -> nn.Module:
@@ -117,11 +139,14 @@ def main() -> None:
     for n_out, n_in in SHAPES:
         for sparsity in SPARSITIES:
             x = torch.randn(BATCH, n_in, requires_grad=True)
-            ms = time_cell({kind: build(kind, n_out, n_in, sparsity) for kind in kinds}, x, args.reps)
+            layers = {kind: build(kind, n_out, n_in, sparsity) for kind in kinds}
+            check_same_results(layers, x)
+            samples = time_cell(layers, x, args.reps)
+            ms = {kind: statistics.median(values) for kind, values in samples.items()}
             row = f"| {n_out} x {n_in} | {sparsity:.0%} | " + " | ".join(f"{ms[k]:.2f}" for k in kinds)
-            row += f" | {ms['dense'] / ms['csr']:.2f}x |"
+            row += f" | {paired_ratio(samples['dense'], samples['csr']):.2f}x |"
             if "sparselab" in kinds:
-                row += f" {ms['sparselab'] / ms['csr']:.2f}x |"
+                row += f" {paired_ratio(samples['sparselab'], samples['csr']):.2f}x |"
             lines.append(row)
             print(row, flush=True)
     if args.out:

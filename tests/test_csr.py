@@ -67,18 +67,114 @@ def test_forward_and_gradients_match_the_masked_backend():
 
 
 def test_gradient_check_of_the_sparse_function():
+    from neuroplast.sparse.csr import _SparseLinearFunction
+
     torch.manual_seed(0)
     linear = torch.nn.Linear(7, 5).double()
-    flat = torch.tensor([0, 3, 8, 9, 13, 20, 21, 22, 34])
+    flat = torch.tensor([0, 3, 8, 9, 13, 20, 21, 22, 34])  # row 3 (positions 21..27) has one entry
     layer = CSRLinear.from_linear(linear, flat)
     x = torch.randn(4, 7, dtype=torch.double, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, v: torch.nn.functional.linear(x, _dense(layer, v)), (x, layer.values))
-    assert torch.autograd.gradcheck(lambda x: layer(x), (x,))
+    inputs = (x, layer.values, layer.bias)
+    assert torch.autograd.gradcheck(lambda x, v, b: _SparseLinearFunction.apply(x, v, b, layer), inputs)
 
 
-def _dense(layer, values):
-    dense = torch.zeros(layer.out_features * layer.in_features, dtype=values.dtype)
-    return dense.index_put((layer.flat_index(),), values).view(layer.out_features, layer.in_features)
+@pytest.mark.parametrize("shape", ["2d", "3d", "strided"])
+def test_numba_and_torch_paths_agree_on_all_gradients(monkeypatch, shape):
+    g = torch.Generator().manual_seed(1)
+    mask = torch.rand(12, 9, generator=g) < 0.3
+    mask[4] = False  # an empty row
+    layer = CSRLinear.from_linear(torch.nn.Linear(9, 12), mask.view(-1).nonzero().squeeze(1))
+    base = torch.randn(6, 18, generator=g)
+    x = {"2d": base[:, :9], "3d": base.reshape(6, 2, 9), "strided": base[:, ::2]}[shape]  # [:, ::2] is non-contiguous
+    results = {}
+    for which in ("numba", "torch"):
+        monkeypatch.setenv("NEUROPLAST_KERNELS", which)
+        xi = x.clone().requires_grad_() if shape != "strided" else base.clone().requires_grad_()
+        inp = xi[:, ::2] if shape == "strided" else xi
+        layer.values.grad = layer.bias.grad = None
+        out = layer(inp)
+        out.backward(torch.ones_like(out) * torch.arange(out.shape[-1]))
+        results[which] = (out.detach(), xi.grad, layer.values.grad.clone(), layer.bias.grad.clone())
+    for fast, reference in zip(results["numba"], results["torch"]):
+        torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_a_layer_without_live_weights():
+    layer = CSRLinear.from_linear(torch.nn.Linear(6, 4), torch.empty(0, dtype=torch.long))
+    x = torch.randn(3, 6, requires_grad=True)
+    out = layer(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, layer.bias.detach().expand(3, 4))
+    assert torch.all(x.grad == 0) and layer.values.grad.numel() == 0
+
+
+def test_rewiring_between_forward_and_backward_is_refused():
+    (_, csr), (_, tc) = pair()
+    x, y = batch(0)
+    loss = F.cross_entropy(csr(x), y)
+    DSTEngine(tc, preset("set", update_every=1), total_steps=10, steps_per_epoch=1).update()
+    with pytest.raises(RuntimeError, match="changed between its forward and backward"):
+        loss.backward()
+
+
+def test_in_place_activation_after_a_csr_layer():
+    (_, csr), _ = pair()
+    x, _ = batch(0)
+    layer = csr.features[0]
+    out = torch.relu_(layer(x))
+    out.sum().backward()
+    assert layer.values.grad is not None
+
+
+class SharedLayer(torch.nn.Module):
+    """The same square layer applied twice (weight sharing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = torch.nn.Linear(20, 20)
+        self.head = torch.nn.Linear(20, 5)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.inner(torch.relu(self.inner(x)))))
+
+
+def test_rigl_growth_sees_every_use_of_a_shared_layer():
+    topologies = []
+    for backend in ("masked", "csr"):
+        torch.manual_seed(0)
+        model = SharedLayer()
+        topology = sparsify(model, 0.2, "uniform", backend=backend, generator=torch.Generator().manual_seed(0))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        topology.attach(optimizer)
+        engine = DSTEngine(topology, preset("rigl", update_every=1), total_steps=10, steps_per_epoch=10)
+        x, y = batch(0, n_in=20)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        engine.step()
+        topologies.append(topology)
+    assert_same_topology(*topologies)
+
+
+def test_an_optimizer_made_before_sparsify_is_refused():
+    torch.manual_seed(0)
+    model = MLP(30, (16,), 5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    topology = sparsify(model, 0.2, backend="csr")
+    with pytest.raises(ValueError, match="create it after sparsify"):
+        topology.attach(optimizer)
+    engine = DSTEngine(topology, preset("set"), total_steps=10, steps_per_epoch=1)
+    with pytest.raises(RuntimeError, match="no optimizer is attached"):
+        engine.step()
+
+
+def test_a_checkpoint_of_another_shape_is_refused():
+    small = CSRLinear.from_linear(torch.nn.Linear(6, 4), torch.tensor([0, 5, 9]))
+    large = CSRLinear.from_linear(torch.nn.Linear(60, 4), torch.tensor([0, 50, 59, 100]))
+    with pytest.raises(RuntimeError, match="column indices outside"):
+        small.load_state_dict(large.state_dict())
+    other_rows = CSRLinear.from_linear(torch.nn.Linear(6, 7), torch.tensor([0, 5, 9]))
+    with pytest.raises(RuntimeError, match="crow has 8 entries"):
+        small.load_state_dict(other_rows.state_dict())
 
 
 @pytest.mark.parametrize("method", ["set", "rigl"])
@@ -117,7 +213,8 @@ def test_training_with_rewiring_matches_the_masked_backend(method, optimizer_nam
                 torch.testing.assert_close(state_c[key], state_m[key].view(-1)[flat], atol=1e-5, rtol=1e-4)
 
 
-def test_index_arrays_are_valid_after_rewiring():
+def test_index_arrays_are_valid_after_rewiring(monkeypatch):
+    monkeypatch.setenv("NEUROPLAST_KERNELS", "torch")  # the torch path builds (and here validates) CSR tensors
     (_, csr), (_, tc) = pair()
     engine = DSTEngine(tc, preset("set", update_every=1), total_steps=10, steps_per_epoch=1)
     for _ in range(3):
@@ -147,8 +244,10 @@ def test_csr_state_dict_roundtrips_across_topologies():
     state = csr.state_dict()
     (_, other), _ = pair(seed=1)  # different nnz per layer
     other.load_state_dict(state)
-    x, _ = batch(0)
+    x, y = batch(0)
     torch.testing.assert_close(other(x), csr(x))
+    F.cross_entropy(other(x), y).backward()  # the loaded pattern trains
+    assert all(m.values.grad.shape == m.values.shape for m in other.modules() if isinstance(m, CSRLinear))
     for key, value in csr.state_dict().items():
         assert torch.equal(value, other.state_dict()[key]), key
 
@@ -181,6 +280,7 @@ def test_trainer_csr_matches_masked_and_resumes_exactly(tmp_path, method):
 
     train(config("masked"), tmp_path / "masked", progress=False, log=None)
     train(config("csr"), tmp_path / "csr", progress=False, log=None)
+    assert len(metrics(tmp_path / "masked")) == len(metrics(tmp_path / "csr")) == 4
     for a, b in zip(metrics(tmp_path / "masked"), metrics(tmp_path / "csr")):
         assert a["layers"] == b["layers"] and a["r_s"] == b["r_s"]
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
@@ -193,7 +293,7 @@ def test_trainer_csr_matches_masked_and_resumes_exactly(tmp_path, method):
     with pytest.raises(KeyboardInterrupt):
         train(config("csr"), tmp_path / "resumed", progress=False, log=None, on_epoch_end=crash_after_epoch_2)
     train(config("csr"), tmp_path / "resumed", resume=True, progress=False, log=None)
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
+    strip = lambda rs: [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in rs]  # noqa: E731
     assert strip(metrics(tmp_path / "resumed")) == strip(metrics(tmp_path / "csr"))
 
 

@@ -130,6 +130,9 @@ def grow_by_gradient(signals: LayerSignals, candidates: Candidates, n: int, gene
         keep = candidates.contains(flat)
         flat, score = flat[keep], grad[keep].abs()
         if best_flat is not None:
+            if best_flat.numel() >= n:  # only scores reaching the current n-th best can enter
+                reach = score >= best_score.min()
+                flat, score = flat[reach], score[reach]
             flat, score = torch.cat([best_flat, flat]), torch.cat([best_score, score])
         top = select_top_keyed(score, tie_keys(flat, salt), n)
         best_flat, best_score = flat[top], score[top]

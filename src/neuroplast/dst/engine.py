@@ -105,6 +105,11 @@ class DSTEngine:
 
     def step(self) -> bool:
         """Call once after each `optimizer.step()`. Returns True if the topology changed."""
+        if self.algorithm.rewires and not self.topology.optimizers:
+            raise RuntimeError(
+                "no optimizer is attached to the topology: call topology.attach(optimizer) before training, "
+                "so pruned weights stay zero and rewiring keeps the optimizer state right"
+            )
         self.step_count += 1
         updated = self.algorithm.rewires and self.schedule.is_update_step(self.step_count)
         if updated:

@@ -25,6 +25,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from neuroplast.sparse.kernels import CSRArrays, sddmm, spmm_t, transposed
 from neuroplast.sparse.layer import Candidates, SparseLayer
@@ -44,35 +45,43 @@ def csr_pattern(flat: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor,
 
 
 class _SparseLinearFunction(torch.autograd.Function):
-    """y = x W^T with W = CSR(layer.crow, layer.col, values). Activations are handled as
-    (features, batch) so every product walks CSR rows over contiguous batch vectors."""
+    """y^T = W x^T + b with W = CSR(layer.pattern, values): takes x (batch, in), returns y^T
+    (out, batch). Activations are handled as (features, batch) so every product walks CSR rows
+    over contiguous batch vectors; `CSRLinear.forward` returns the transposed view, which
+    elementwise ops keep, so the next CSRLinear gets its x^T without a copy."""
 
     @staticmethod
     def forward(
         ctx, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, layer: CSRLinear
     ) -> torch.Tensor:
-        # The output is a transposed view of a (features, batch) array; elementwise ops keep that
-        # layout, so the next CSRLinear gets its x^T without a copy.
         xt = transposed(x)
         ctx.save_for_backward(xt, values)
         ctx.layer = layer
+        ctx.version = layer.topology_version
+        ctx.pattern, ctx.pattern_t = layer.pattern, layer.pattern_t
         ctx.has_bias = bias is not None
-        return spmm_t(layer.pattern, values, xt, layer.out_features, bias=bias).t()
+        return spmm_t(ctx.pattern, values, xt, layer.out_features, bias=bias)
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
+    @once_differentiable
+    def backward(ctx, grad_output_t: torch.Tensor):
         xt, values = ctx.saved_tensors
         layer: CSRLinear = ctx.layer
-        gt = transposed(grad_output)
+        if layer.topology_version != ctx.version:
+            raise RuntimeError(
+                "the topology of a CSRLinear changed between its forward and backward; rewire only "
+                "after optimizer.step() (as DSTEngine.step does)"
+            )
+        gt = grad_output_t.contiguous()
         grad_x = grad_values = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = spmm_t(layer.pattern_t, values, gt, layer.in_features).t()
+            grad_x = spmm_t(ctx.pattern_t, values, gt, layer.in_features).t()
         if ctx.needs_input_grad[1]:
-            grad_values = sddmm(layer.pattern, gt, xt)
+            grad_values = sddmm(ctx.pattern, gt, xt)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = gt.sum(1)
-        if layer.capture:
-            layer.captured = (xt, gt)
+        if layer.capture:  # RigL's growth signal; a layer used twice contributes both batches
+            layer.captured.append((xt, gt))
         return grad_x, grad_values, grad_bias, None
 
 
@@ -89,6 +98,13 @@ class CSRLinear(nn.Module):
     ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        if flat.numel() != values.numel():
+            raise ValueError(f"{flat.numel()} positions but {values.numel()} values")
+        if flat.numel() and (
+            bool((flat.diff() <= 0).any()) or int(flat[0]) < 0 or int(flat[-1]) >= in_features * out_features
+        ):
+            raise ValueError("positions must be sorted, distinct flat indices inside the weight's shape")
+        self.topology_version = 0  # bumped by every change of the pattern
         self.values = nn.Parameter(values.detach().clone())
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         crow, col = csr_pattern(flat, out_features, in_features)
@@ -101,7 +117,7 @@ class CSRLinear(nn.Module):
         self.register_buffer("perm_t", torch.empty(0, dtype=torch.long), persistent=False)
         self._build_transpose()
         self.capture = False
-        self.captured: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.captured: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, flat: torch.Tensor) -> CSRLinear:
@@ -170,7 +186,7 @@ class CSRLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat_x = x.reshape(-1, self.in_features)
-        y = _SparseLinearFunction.apply(flat_x, self.values, self.bias, self)
+        y = _SparseLinearFunction.apply(flat_x, self.values, self.bias, self).t()
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def to_dense(self) -> torch.Tensor:
@@ -197,19 +213,45 @@ class CSRLinear(nn.Module):
         self.values.grad = None
         self.crow, self.col = csr_pattern(flat, self.out_features, self.in_features)
         self._build_transpose()
+        self.topology_version += 1
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # nnz and the ever-active set differ between topologies: take the saved sizes first.
-        for name in ("values", "crow", "col", "ever_active"):
-            saved = state_dict.get(prefix + name)
-            if saved is not None:
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # nnz and the ever-active set differ between topologies: take the saved sizes, after
+        # checking that the saved pattern fits this layer (the kernels do not bounds-check).
+        crow, col, values = (state_dict.get(prefix + k) for k in ("crow", "col", "values"))
+        if crow is not None and col is not None and values is not None:
+            problem = None
+            if crow.numel() != self.out_features + 1:
+                problem = f"crow has {crow.numel()} entries, this layer has {self.out_features} rows"
+            elif (
+                int(crow[0]) != 0
+                or int(crow[-1]) != col.numel()
+                or col.numel() != values.numel()
+                or bool((crow.diff() < 0).any())
+            ):
+                problem = "crow, col and values do not form a CSR pattern"
+            elif col.numel() and (int(col.min()) < 0 or int(col.max()) >= self.in_features):
+                problem = f"column indices outside [0, {self.in_features})"
+            if problem:
+                error_msgs.append(f"size mismatch for {prefix}values/crow/col: {problem}")
+                return
+            for name in ("values", "crow", "col", "ever_active"):
+                saved = state_dict.get(prefix + name)
+                if saved is None:
+                    continue
                 current = getattr(self, name)
                 if name == "values":
                     self.values.data = torch.empty_like(saved, device=current.device)
+                    self.values.grad = None
                 else:
                     setattr(self, name, torch.empty_like(saved, device=current.device))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         self._build_transpose()
+        self.topology_version += 1
 
     def extra_repr(self) -> str:
         density = self.nnz / (self.in_features * self.out_features)
@@ -262,9 +304,11 @@ class CSRLayer(SparseLayer):
         )
 
     def dense_grad_chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.module.captured is None:
+        if not self.module.captured:
             raise RuntimeError(f"layer {self.name}: no gradient was captured for this update")
-        xt, gt = self.module.captured  # (in, batch), (out, batch)
+        pairs = self.module.captured  # (in, batch), (out, batch) per backward of this layer
+        xt = torch.cat([x for x, _ in pairs], dim=1) if len(pairs) > 1 else pairs[0][0]
+        gt = torch.cat([g for _, g in pairs], dim=1) if len(pairs) > 1 else pairs[0][1]
         n_in = self.module.in_features
         rows = max(1, CHUNK_ELEMENTS // n_in)
         for start in range(0, self.module.out_features, rows):
@@ -273,7 +317,7 @@ class CSRLayer(SparseLayer):
             yield torch.arange(start * n_in, stop * n_in, device=xt.device), block.reshape(-1)
 
     def clear_signals(self) -> None:
-        self.module.captured = None
+        self.module.captured = []
 
     @torch.no_grad()
     def rewire(self, dropped: torch.Tensor, grown: torch.Tensor, optimizers: Sequence[torch.optim.Optimizer]) -> None:
@@ -296,8 +340,15 @@ class CSRLayer(SparseLayer):
             for key, value in state.items():
                 if torch.is_tensor(value) and value.shape == (old_nnz,):
                     state[key] = carry(value)
-        module.set_pattern(new_flat[order], carry(module.values.data))
+        new_flat = new_flat[order]
+        if new_flat.numel() != old_nnz - int((~keep).sum()) + grown.numel() or bool((new_flat.diff() <= 0).any()):
+            raise RuntimeError(f"layer {self.name}: rewiring produced a duplicate or lost position")
+        module.set_pattern(new_flat, carry(module.values.data))
         module.ever_active = torch.cat([module.ever_active, grown]).unique()
+
+    @property
+    def parameter(self) -> nn.Parameter:
+        return self.module.values
 
     def after_step(self) -> None:
         """Nothing to restore: pruned weights do not exist."""

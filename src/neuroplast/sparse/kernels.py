@@ -106,9 +106,11 @@ def _launch(kernel, *args) -> None:
     wanted = min(threads, numba.config.NUMBA_NUM_THREADS)
     if numba.get_num_threads() != wanted:
         numba.set_num_threads(wanted)
-    kernel(*args)
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
+    try:
+        kernel(*args)
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 SMALL_TRANSPOSE = 1 << 18  # elements; below this the numba transpose beats torch's copy (measured)

@@ -41,6 +41,11 @@ class SparseLayer(ABC):
     def nnz(self) -> int: ...
 
     @property
+    @abstractmethod
+    def parameter(self) -> nn.Parameter:
+        """The parameter holding this layer's weights (what the optimizer must update)."""
+
+    @property
     def density(self) -> float:
         return self.nnz / self.size
 

@@ -35,6 +35,10 @@ class MaskedLayer(SparseLayer):
         return self.module.weight
 
     @property
+    def parameter(self) -> nn.Parameter:
+        return self.module.weight
+
+    @property
     def weight_mask(self) -> torch.Tensor:
         return self.module.weight_mask
 

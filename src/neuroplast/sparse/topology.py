@@ -60,6 +60,13 @@ class Topology:
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Restore the backend's invariants after each `optimizer.step()` (pruned weights exactly
         zero), and let rewiring keep this optimizer's state right."""
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [name for name, layer in self.layers.items() if id(layer.parameter) not in held]
+        if missing:
+            raise ValueError(
+                f"the optimizer does not hold the weights of {', '.join(missing)}: create it after sparsify(), "
+                "from model.parameters()"
+            )
         self.optimizers.append(optimizer)
         optimizer.register_step_post_hook(lambda *_: self.after_step())
 

@@ -319,6 +319,7 @@ def train(
             start = time.perf_counter()
             updates_before = len(run.engine.history) if run.engine else 0
             train_loss, train_acc = run.train_epoch(bar)
+            train_seconds = time.perf_counter() - start
             test_loss, test_acc = evaluate(run.model, run.data.x_test, run.data.y_test, run.device)
             seconds = time.perf_counter() - start
             run.epoch += 1
@@ -326,6 +327,7 @@ def train(
             run.best_accuracy = max(run.best_accuracy, test_acc)
             updates = [asdict(r) for r in run.engine.history[updates_before:]] if run.engine else []
             record = run.metrics(train_loss, train_acc, test_loss, test_acc, seconds, updates)
+            record["train_seconds"] = train_seconds
             history.append(record)
             if out is not None:
                 with open(out / "metrics.jsonl", "a") as f:
