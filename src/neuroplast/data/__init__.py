@@ -3,7 +3,6 @@
 from neuroplast.data.datasets import (
     DATASETS,
     Dataset,
-    dataset_from_arrays,
     is_available_offline,
     load_dataset,
     parse_idx,
@@ -18,7 +17,6 @@ __all__ = [
     "DataError",
     "Dataset",
     "data_root",
-    "dataset_from_arrays",
     "is_available_offline",
     "load_dataset",
     "parse_idx",

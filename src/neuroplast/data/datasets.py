@@ -177,8 +177,3 @@ def is_available_offline(name: str) -> bool:
     """True if `name` can be loaded without a download (files present, not yet verified)."""
     sources = {"mnist": MNIST, "fashion-mnist": FASHION_MNIST, "cifar10": CIFAR10}
     return name == "digits" or (name in sources and find_local(sources[name]) is not None)
-
-
-def dataset_from_arrays(name: str, arrays: tuple[np.ndarray, ...], flatten: bool = False) -> Dataset:
-    """Build a `Dataset` from (x_train, y_train, x_test, y_test) arrays, normalised like the rest."""
-    return _finish(name, arrays, "arrays", flatten)

@@ -144,8 +144,12 @@ class CSRLinear(nn.Module):
             bias_values = (torch.rand(out_features, generator=generator) * 2 - 1) / in_features**0.5
         return cls(in_features, out_features, flat, values, bias_values)
 
+    def _rows(self) -> torch.Tensor:
+        """The row of every live weight, in storage order."""
+        return torch.repeat_interleave(torch.arange(self.out_features, device=self.col.device), self.crow.diff())
+
     def _build_transpose(self) -> None:
-        row = torch.repeat_interleave(torch.arange(self.out_features, device=self.col.device), self.crow.diff())
+        row = self._rows()
         self.perm_t = torch.argsort(self.col * self.out_features + row)
         self.col_t = row[self.perm_t]
         self.crow_t = torch.zeros(self.in_features + 1, dtype=torch.long, device=self.col.device)
@@ -181,8 +185,12 @@ class CSRLinear(nn.Module):
         return self.values.numel()
 
     def flat_index(self) -> torch.Tensor:
-        row = torch.repeat_interleave(torch.arange(self.out_features, device=self.col.device), self.crow.diff())
-        return row * self.in_features + self.col
+        """Sorted flat indices of the live weights; computed once per pattern (a topology update
+        asks for them three times: live values, candidates, rewiring)."""
+        cached = getattr(self, "_flat", None)
+        if cached is None or cached[0] is not self.col:
+            self._flat = (self.col, self._rows() * self.in_features + self.col)
+        return self._flat[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat_x = x.reshape(-1, self.in_features)
@@ -377,8 +385,4 @@ def to_csr(model: nn.Module, name: str, linear: nn.Linear, flat: torch.Tensor) -
     return CSRLayer(name, module)
 
 
-def memory_report(layers: Sequence[CSRLayer]) -> list[dict]:
-    return [{"name": l.name, **l.module.memory_bytes()} for l in layers]
-
-
-__all__ = ["CSRLayer", "CSRLinear", "memory_report", "to_csr"]
+__all__ = ["CSRLayer", "CSRLinear", "to_csr"]

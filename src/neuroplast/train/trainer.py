@@ -181,7 +181,7 @@ class Run:
     def r_s(self) -> float:
         return self.topology.r_s() if self.topology is not None else 1.0
 
-    def metrics(self, train_loss, train_acc, test_loss, test_acc, seconds, updates) -> dict:
+    def metrics(self, train_loss, train_acc, test_loss, test_acc, seconds, train_seconds, updates) -> dict:
         return {
             "epoch": self.epoch,
             "train_loss": train_loss,
@@ -193,6 +193,7 @@ class Run:
             "r_s": self.r_s(),
             "lr": self.optimizer.param_groups[0]["lr"],
             "seconds": seconds,
+            "train_seconds": train_seconds,
             "updates": updates,
         }
 
@@ -326,8 +327,7 @@ def train(
             run.seconds += seconds
             run.best_accuracy = max(run.best_accuracy, test_acc)
             updates = [asdict(r) for r in run.engine.history[updates_before:]] if run.engine else []
-            record = run.metrics(train_loss, train_acc, test_loss, test_acc, seconds, updates)
-            record["train_seconds"] = train_seconds
+            record = run.metrics(train_loss, train_acc, test_loss, test_acc, seconds, train_seconds, updates)
             history.append(record)
             if out is not None:
                 with open(out / "metrics.jsonl", "a") as f:
