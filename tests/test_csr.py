@@ -313,6 +313,7 @@ def test_numba_kernels_match_torch_sparse(monkeypatch, batch):
     flat = mask.view(-1).nonzero().squeeze(1)
     layer = CSRLinear.from_linear(torch.nn.Linear(cols, rows), flat)
     xt, gt = torch.randn(cols, batch, generator=g), torch.randn(rows, batch, generator=g)
+    odd_shapes = [torch.randn(shape, generator=g) for shape in [(8, 16), (1, 5), (37, 19), (19, 37)]]
     results = {}
     for which in ("numba", "torch"):
         monkeypatch.setenv("NEUROPLAST_KERNELS", which)
@@ -322,9 +323,31 @@ def test_numba_kernels_match_torch_sparse(monkeypatch, batch):
             kernels.sddmm(layer.pattern, gt, xt),
             kernels.spmm_t(layer.pattern, layer.values, xt, rows, bias=layer.bias),
             kernels.transposed(xt),
+            *kernels.sddmm(layer.pattern, gt, xt, row_sums=True),
+            *(kernels.transposed(a) for a in odd_shapes),
         )
-    for fast, reference in zip(results["numba"], results["torch"]):
+    for fast, reference in zip(results["numba"], results["torch"], strict=True):
         torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("feature_major", [False, True])
+def test_input_gradient_comes_back_in_the_inputs_layout(feature_major):
+    """A batch-major x gets a batch-major dx (no copy for autograd to make); a transposed view
+    (what a CSRLinear hands the next one) gets a transposed view back. Values match the masked layer."""
+    models = []
+    for backend in ("masked", "csr"):
+        torch.manual_seed(3)
+        models.append(torch.nn.Sequential(torch.nn.Linear(30, 20)))
+        sparsify(models[-1], 0.3, "uniform", backend=backend, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(30, 12, generator=g).t() if feature_major else torch.randn(12, 30, generator=g)
+    grads = []
+    for model in models:
+        leaf = x.detach().clone() if not feature_major else x.detach().t().clone().t()
+        leaf.requires_grad_(True)
+        grads.append(torch.autograd.grad(model(leaf).pow(2).sum(), leaf)[0])  # as returned, before accumulation
+    assert grads[1].t().is_contiguous() == feature_major and grads[1].is_contiguous() != feature_major
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-5)
 
 
 def test_kernels_leave_torchs_thread_count_alone():

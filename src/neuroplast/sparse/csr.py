@@ -55,6 +55,7 @@ class _SparseLinearFunction(torch.autograd.Function):
         ctx, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, layer: CSRLinear
     ) -> torch.Tensor:
         xt = transposed(x)
+        ctx.x_batch_major = not x.t().is_contiguous()  # dx goes back in x's layout: no copy for autograd
         ctx.save_for_backward(xt, values)
         ctx.layer = layer
         ctx.version = layer.topology_version
@@ -72,13 +73,17 @@ class _SparseLinearFunction(torch.autograd.Function):
                 "the topology of a CSRLinear changed between its forward and backward; rewire only "
                 "after optimizer.step() (as DSTEngine.step does)"
             )
-        gt = grad_output_t.contiguous()
+        gt = transposed(grad_output_t.t())  # free when the gradient arrives feature-major
         grad_x = grad_values = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = spmm_t(ctx.pattern_t, values, gt, layer.in_features).t()
-        if ctx.needs_input_grad[1]:
+            grad_xt = spmm_t(ctx.pattern_t, values, gt, layer.in_features)
+            grad_x = transposed(grad_xt) if ctx.x_batch_major else grad_xt.t()
+        bias_grad = ctx.has_bias and ctx.needs_input_grad[2]
+        if ctx.needs_input_grad[1] and bias_grad:
+            grad_values, grad_bias = sddmm(ctx.pattern, gt, xt, row_sums=True)
+        elif ctx.needs_input_grad[1]:
             grad_values = sddmm(ctx.pattern, gt, xt)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        elif bias_grad:
             grad_bias = gt.sum(1)
         if layer.capture:  # RigL's growth signal; a layer used twice contributes both batches
             layer.captured.append((xt, gt))

