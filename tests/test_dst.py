@@ -284,7 +284,7 @@ def test_static_never_changes_and_unknown_method_is_named():
     before = {n: l.weight_mask.clone() for n, l in topology.layers.items()}
     assert not any(engine.step() for _ in range(10))
     assert all(torch.equal(before[n], l.weight_mask) for n, l in topology.layers.items())
-    with pytest.raises(ValueError, match="unknown method 'magic'; choose from: dense, static, set, rigl"):
+    with pytest.raises(ValueError, match="unknown method 'magic'; choose from: dense, static, set, rigl, snfs, "):
         preset("magic")
 
 

@@ -65,7 +65,18 @@ def test_digits_learns():
 
 
 @pytest.mark.parametrize(
-    "method,extra", [("set", {}), ("rigl", {"update_every": 7}), ("dense", {"optimizer": "adamw", "lr": 0.003})]
+    "method,extra",
+    [
+        ("set", {}),
+        ("rigl", {"update_every": 7}),
+        ("dense", {"optimizer": "adamw", "lr": 0.003}),
+        # the research methods carry signals across epochs: momentum, importance, activations, a plateau
+        ("snfs", {}),
+        ("mest", {"drop_lambda": 0.5}),
+        ("ctre-seq", {"switch_patience": 1, "activation_samples": 100}),
+        ("wast", {"update_every": 5}),
+        ("dast", {"update_every": 7}),
+    ],
 )
 def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, method, extra):
     config = small(method, dropout=0.2, **extra)  # dropout: the global RNG must be restored too

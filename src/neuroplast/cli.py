@@ -46,6 +46,16 @@ HELP = {
     "drop_fraction": "drop fraction (SET zeta, RigL alpha); default: the method's",
     "update_every": "steps between topology updates; default: the method's",
     "end_fraction": "stop topology updates after this fraction of training (RigL T_end)",
+    "drop_anneal": "drop fraction over training: constant, cosine or step; default: the method's",
+    "drop_lambda": "mest: drop by |w| + lambda |grad|; default 0 (magnitude only)",
+    "switch_patience": "ctre-seq: epochs without better training accuracy before random growth; default 40",
+    "activation_samples": "ctre: recent training samples for activation similarity; default 1024",
+    "importance_lambda": "wast/dast: weight of the gradient term vs the |w| term of neuron importance",
+    "importance_decay": "wast/dast: importance decay per batch (1 = WAST's running sum)",
+    "tau_start": "dast: growth sampling temperature at the start (0 = deterministic top-k)",
+    "tau_end": "dast: sampling temperature at the end of the updates",
+    "random_start": "dast: share of uniformly random growth at the start",
+    "random_end": "dast: share of uniformly random growth at the end of the updates",
     "lr_schedule": "cosine, step or constant (stepped per epoch)",
     "device": "cpu, cuda or auto",
 }
@@ -79,7 +89,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="neuroplast",
-        description="Sparse neural networks in PyTorch: dynamic sparse training (SET, RigL), masks, benchmarks.",
+        description="Sparse neural networks in PyTorch: dynamic sparse training (SET, RigL, SNFS, MEST, CTRE, WAST, "
+        "randomized attention), truly sparse layers, studies.",
         epilog="Run `neuroplast COMMAND --help` for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"neuroplast {__version__}")
@@ -87,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser(
         "train",
-        help="train one model (dense, static sparse, SET, RigL)",
+        help="train one model with any method (dense, static, DST)",
         description="Train one model. Writes config.toml, metrics.jsonl, summary.json and a checkpoint to --out.",
     )
     train.add_argument("--out", required=True, metavar="DIR", help="run folder")
@@ -108,6 +119,31 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", default="runs/compare", metavar="DIR", help="grid folder (default runs/compare)")
     compare.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_flags(compare)
+
+    study = commands.add_parser(
+        "study",
+        help="methods x densities x seeds from a TOML file, in parallel, with a report",
+        description=(
+            "Train every cell of a study (methods x densities x seeds, and an optional ablation grid) "
+            "configured in a TOML file, several cells at a time, each in its own folder "
+            "<out>/<method>/d<density>/seed<seed>. Finished cells are never re-run and interrupted ones "
+            "resume, so a study can be stopped with Ctrl-C and started again. Then write study.md, "
+            "curves.png, connectivity.png (and ablation.md) to the study folder. "
+            "See configs/study_fashion_mnist.toml for the format."
+        ),
+    )
+    study.add_argument("--config", required=True, metavar="FILE", help="study TOML file ([study], [run], ...)")
+    study.add_argument("--out", default=None, metavar="DIR", help="study folder (default: [study] out)")
+    study.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="cells trained at a time, each in its own process; 1 trains in this process "
+        "(default: [study] workers, else 2 on CPU and 1 on CUDA)",
+    )
+    study.add_argument("--report-only", action="store_true", help="train nothing; report the cells finished so far")
+    study.add_argument("--quiet", action="store_true", help="no progress bar")
 
     demo = commands.add_parser(
         "demo",
@@ -197,7 +233,25 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "compare": cmd_compare, "demo": cmd_demo}
+def cmd_study(args) -> int:
+    from neuroplast.experiments.study import load_study, run_study, write_report
+
+    study = load_study(args.config, out=args.out, workers=args.workers)
+    if not args.report_only:
+        try:
+            run_study(study, progress=not args.quiet)
+        except KeyboardInterrupt:
+            print(
+                "interrupted; finished cells are kept and the others resume from their last checkpoint "
+                "when this study is run again",
+                file=sys.stderr,
+            )
+            return 130
+    write_report(study)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "compare": cmd_compare, "study": cmd_study, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

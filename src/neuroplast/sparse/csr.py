@@ -284,6 +284,8 @@ def sorted_contains(sorted_values: torch.Tensor, query: torch.Tensor) -> torch.T
 class CSRLayer(SparseLayer):
     """The DST engine's view of a `CSRLinear`."""
 
+    truly_sparse = True
+
     def __init__(self, name: str, module: CSRLinear):
         self.name = name
         self.module = module
@@ -307,14 +309,40 @@ class CSRLayer(SparseLayer):
     def live(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.module.values.detach(), self.module.flat_index()
 
+    def live_grad(self) -> torch.Tensor | None:
+        grad = self.module.values.grad
+        return None if grad is None else grad.detach()
+
+    @torch.no_grad()
+    def neuron_magnitudes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        module = self.module
+        w = module.values.detach().abs()
+        rows = module.flat_index() // module.in_features
+        per_out = torch.zeros(module.out_features, dtype=w.dtype, device=w.device).index_add_(0, rows, w)
+        per_in = torch.zeros(module.in_features, dtype=w.dtype, device=w.device).index_add_(0, module.col, w)
+        return per_out, per_in
+
     def candidates(self, dropped: torch.Tensor) -> Candidates:
         flat = self.module.flat_index()
         live = flat[~sorted_contains(dropped.sort().values.to(flat.device), flat)]
-        return Candidates(
-            size=self.size,
-            count=self.size - live.numel(),
-            contains=lambda query: ~sorted_contains(live, query.to(live.device)),
-        )
+
+        def contains(query: torch.Tensor) -> torch.Tensor:
+            query = query.to(live.device)
+            n = query.numel()
+            if (
+                n > 1024
+                and int(query[-1]) - int(query[0]) == n - 1
+                and torch.equal(query, query[0] + torch.arange(n, device=live.device))
+            ):
+                # a block of consecutive positions (how growth scores arrive): mark the live ones
+                first = int(query[0])
+                lo, hi = torch.searchsorted(live, torch.tensor([first, first + n], device=live.device)).tolist()
+                empty = torch.ones(n, dtype=torch.bool, device=live.device)
+                empty[live[lo:hi] - first] = False
+                return empty
+            return ~sorted_contains(live, query)
+
+        return Candidates(size=self.size, count=self.size - live.numel(), contains=contains)
 
     def dense_grad_chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if not self.module.captured:

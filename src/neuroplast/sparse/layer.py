@@ -27,6 +27,7 @@ class SparseLayer(ABC):
     name: str
     module: nn.Module
     capture: bool
+    truly_sparse: bool = False  # True when no tensor of the layer's full shape exists
 
     @property
     @abstractmethod
@@ -52,6 +53,15 @@ class SparseLayer(ABC):
     @abstractmethod
     def live(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, flat indices) of the live weights, flat indices ascending."""
+
+    @abstractmethod
+    def live_grad(self) -> torch.Tensor | None:
+        """The gradient of the last backward at the live weights, aligned with `live()`."""
+
+    @abstractmethod
+    def neuron_magnitudes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per output neuron, per input neuron) sums of |w| over the live weights; a conv
+        neuron is a channel (summed over kernel positions)."""
 
     @abstractmethod
     def candidates(self, dropped: torch.Tensor) -> Candidates:

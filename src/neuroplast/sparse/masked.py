@@ -67,6 +67,15 @@ class MaskedLayer(SparseLayer):
         flat = self.weight_mask.view(-1).nonzero().squeeze(1)
         return self.weight.detach().view(-1)[flat], flat
 
+    def live_grad(self) -> torch.Tensor | None:
+        grad = self.weight.grad
+        return None if grad is None else grad.detach().view(-1)[self.weight_mask.view(-1).nonzero().squeeze(1)]
+
+    @torch.no_grad()
+    def neuron_magnitudes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.weight.detach().abs()  # pruned weights are exactly zero
+        return w.flatten(1).sum(1), w.transpose(0, 1).flatten(1).sum(1)
+
     def candidates(self, dropped: torch.Tensor) -> Candidates:
         live = self.weight_mask.view(-1).clone()
         live[dropped.to(live.device)] = False

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from neuroplast.data import DATASETS
 from neuroplast.dst import METHODS
+from neuroplast.dst.schedules import ANNEALS
 from neuroplast.models import MODELS
 from neuroplast.sparse import BACKENDS, DISTRIBUTIONS
 
@@ -58,6 +59,16 @@ class RunConfig:
     drop_fraction: float | None = None  # SET's zeta, RigL's alpha
     update_every: int | None = None  # steps between updates (SET default: one epoch)
     end_fraction: float | None = None  # RigL's T_end as a fraction of training
+    drop_anneal: str | None = None  # drop fraction over training: constant, cosine, step
+    drop_lambda: float | None = None  # MEST: drop by |w| + drop_lambda |grad|
+    switch_patience: int | None = None  # CTRE-seq: epochs without progress before random growth
+    activation_samples: int | None = None  # CTRE: recent samples for activation similarity
+    importance_lambda: float | None = None  # WAST/DAST: gradient term vs |w| term
+    importance_decay: float | None = None  # WAST/DAST: 1 = sum, < 1 = forget old batches
+    tau_start: float | None = None  # DAST: growth sampling temperature, annealed
+    tau_end: float | None = None
+    random_start: float | None = None  # DAST: share of uniformly random growth, annealed
+    random_end: float | None = None
     # optimisation
     epochs: int = 20
     batch_size: int = 128
@@ -118,6 +129,8 @@ class RunConfig:
             value = getattr(self, key)
             if value is not None and not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{key} {value!r} must be in [0, 1]")
+        if self.drop_anneal is not None and self.drop_anneal not in ANNEALS:
+            raise ConfigError(f"unknown drop_anneal {self.drop_anneal!r}; choose from: {', '.join(ANNEALS)}")
         if self.epsilon is not None and self.distribution != "er":
             raise ConfigError(f"epsilon is only used with distribution 'er', not {self.distribution!r}")
         return self

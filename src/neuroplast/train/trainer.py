@@ -35,6 +35,18 @@ from neuroplast.train.checkpoint import (
 from neuroplast.train.config import ConfigError, RunConfig
 
 EpochCallback = Callable[[dict], None]
+# RunConfig keys passed to the DST algorithm under the same name (None: the preset's value)
+ALGORITHM_KEYS = (
+    "drop_lambda",
+    "switch_patience",
+    "activation_samples",
+    "importance_lambda",
+    "importance_decay",
+    "tau_start",
+    "tau_end",
+    "random_start",
+    "random_end",
+)
 
 
 def seed_everything(seed: int) -> None:
@@ -116,16 +128,21 @@ class Run:
         self.engine: DSTEngine | None = None
         if self.topology is not None:
             self.topology.attach(self.optimizer)
-            algorithm = preset(
-                config.method,
-                fraction=config.drop_fraction,
-                update_every=config.update_every,
-                end_fraction=config.end_fraction,
-            )
             steps_per_epoch = len(self.batches)
-            self.engine = DSTEngine(
-                self.topology, algorithm, config.epochs * steps_per_epoch, steps_per_epoch, seed=config.seed
-            )
+            try:
+                algorithm = preset(
+                    config.method,
+                    fraction=config.drop_fraction,
+                    update_every=config.update_every,
+                    end_fraction=config.end_fraction,
+                    anneal=config.drop_anneal,
+                    **{key: getattr(config, key) for key in ALGORITHM_KEYS},
+                )
+                self.engine = DSTEngine(
+                    self.topology, algorithm, config.epochs * steps_per_epoch, steps_per_epoch, seed=config.seed
+                )
+            except ValueError as exc:  # a knob out of range, or a method the backend cannot run
+                raise ConfigError(str(exc)) from exc
         self.epoch = 0
         self.seconds = 0.0
         self.best_accuracy = 0.0
@@ -173,6 +190,8 @@ class Run:
         if task is not None:
             progress.remove_task(task)
         self.lr_schedule.step()
+        if self.engine is not None:
+            self.engine.observe_epoch(correct.item() / seen)  # training accuracy: never a test score
         return loss_sum.item() / seen, correct.item() / seen
 
     def density(self) -> float:
@@ -219,6 +238,7 @@ class Run:
         if self.engine is not None:
             engine_state = self.engine.state_dict()
             tensors["rng.engine"] = engine_state.pop("generator")
+            tensors.update({f"engine.{k}": v for k, v in engine_state.pop("tensors").items()})
             state["engine"] = engine_state
         return tensors, state
 
@@ -233,7 +253,10 @@ class Run:
         random.setstate(_tuples(state["rng_python"]))
         np.random.set_state(_numpy_state(state["rng_numpy"]))
         if self.engine is not None:
-            self.engine.load_state_dict({**state["engine"], "generator": tensors["rng.engine"]})
+            engine_tensors = {k[7:]: v for k, v in tensors.items() if k.startswith("engine.")}
+            self.engine.load_state_dict(
+                {**state["engine"], "generator": tensors["rng.engine"], "tensors": engine_tensors}
+            )
         self.epoch = state["epoch"]
         self.seconds = state["seconds"]
         self.best_accuracy = state["best_accuracy"]

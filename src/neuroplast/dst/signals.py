@@ -1,0 +1,283 @@
+"""Neuron-level signals for the DST criteria, gathered during training by module hooks.
+
+- `NeuronImportance` (WAST, DAST): per sparse layer, the importance of its input neurons and of
+  its output neurons, updated after every optimizer step::
+
+      I <- decay * I + lam * e / mean(e) + (1 - lam) * s / mean(s)
+
+  e = mean over the batch of |dL/d activation| (the input-gradient / attribution form of WAST's
+  loss-driven term, for supervised nets: for an autoencoder's output neurons it is WAST's
+  reconstruction error up to a constant), s = sum of |w| over the neuron's live weights (WAST's
+  strength term). Each term is divided by its mean over the layer's neurons so that lam weighs
+  quantities of the same scale (a gradient and a weight sum differ by orders of magnitude).
+  decay = 1 is WAST's ever-growing sum; decay < 1 forgets old batches.
+- `ActivationBuffer` (CTRE): the most recent inputs and outputs of each sparse Linear layer,
+  for the cosine similarity of neuron activations.
+- `DenseMomentum` (SNFS): an exponential moving average of the dense gradient at every position.
+
+A neuron of a Conv2d layer is a channel (statistics averaged over batch and space); a weight
+connects input channel i to output channel o at every kernel position.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from neuroplast.sparse.layer import SparseLayer
+
+CHUNK_ELEMENTS = 1 << 22  # scores computed per block (16 MiB of float32)
+
+
+def _per_neuron(tensor: torch.Tensor, conv: bool) -> torch.Tensor:
+    """Mean |tensor| per neuron: channel dim 1 for conv activations, the last dim otherwise."""
+    t = tensor.detach().abs()
+    if conv:
+        return t.transpose(0, 1).reshape(t.shape[1], -1).mean(1)
+    return t.reshape(-1, t.shape[-1]).mean(0)
+
+
+def _normalised(term: torch.Tensor) -> torch.Tensor:
+    mean = term.mean()
+    return term / mean if float(mean) > 0 else torch.zeros_like(term)
+
+
+def weight_neurons(flat: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output neuron, input neuron) of each flat position of a weight of `shape`."""
+    row_size = math.prod(shape[1:])
+    kernel = math.prod(shape[2:])
+    return flat // row_size, (flat % row_size) // kernel
+
+
+def outer_chunks(
+    dst: torch.Tensor, src: torch.Tensor, shape: tuple[int, ...]
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(flat, dst[o] * src[i]) over all positions of a weight of `shape`, a block of rows at a time."""
+    row_size, kernel = math.prod(shape[1:]), math.prod(shape[2:])
+    rows = max(1, CHUNK_ELEMENTS // row_size)
+    for start in range(0, shape[0], rows):
+        stop = min(start + rows, shape[0])
+        block = dst[start:stop, None] * src.repeat_interleave(kernel)[None, :]
+        yield torch.arange(start * row_size, stop * row_size, device=block.device), block.reshape(-1)
+
+
+class _Hooks:
+    """Forward hooks on the sparse layers' modules, active while training with grad enabled."""
+
+    def __init__(self, layers: dict[str, SparseLayer]):
+        self.layers = layers
+        self.handles = []
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    @staticmethod
+    def active(module: nn.Module) -> bool:
+        return module.training and torch.is_grad_enabled()
+
+
+class NeuronImportance(_Hooks):
+    """Importance of every sparse layer's input and output neurons (see the module docstring)."""
+
+    def __init__(self, layers: dict[str, SparseLayer], lam: float = 0.4, decay: float = 1.0):
+        super().__init__(layers)
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"importance lam {lam!r} must be in [0, 1]")
+        if not 0.0 < decay <= 1.0:
+            raise ValueError(f"importance decay {decay!r} must be in (0, 1]")
+        self.lam, self.decay = lam, decay
+        self.src: dict[str, torch.Tensor] = {}
+        self.dst: dict[str, torch.Tensor] = {}
+        self._grad_in: dict[str, torch.Tensor] = {}
+        self._grad_out: dict[str, torch.Tensor] = {}
+        for name, layer in layers.items():
+            out_n, in_n = layer.shape[0], layer.shape[1]
+            device = layer.parameter.device
+            self.src[name] = torch.zeros(in_n, device=device)
+            self.dst[name] = torch.zeros(out_n, device=device)
+            conv = isinstance(layer.module, nn.Conv2d)
+            self.handles.append(layer.module.register_forward_pre_hook(self._input_needs_grad))
+            self.handles.append(layer.module.register_forward_hook(self._make_hook(name, conv)))
+
+    def _input_needs_grad(self, module, args):
+        """The first layer's input (the data) needs a gradient for its neurons' attribution."""
+        if self.active(module) and args and torch.is_tensor(args[0]) and not args[0].requires_grad:
+            return (args[0].detach().requires_grad_(True), *args[1:])
+        return None
+
+    def _make_hook(self, name: str, conv: bool):
+        def accumulate(store: dict[str, torch.Tensor]):
+            def hook(grad: torch.Tensor) -> None:
+                value = _per_neuron(grad, conv)
+                store[name] = store[name] + value if name in store else value
+
+            return hook
+
+        def forward_hook(module, args, output):
+            if not self.active(module):
+                return
+            if torch.is_tensor(args[0]) and args[0].requires_grad:
+                args[0].register_hook(accumulate(self._grad_in))
+            if output.requires_grad:
+                output.register_hook(accumulate(self._grad_out))
+
+        return forward_hook
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Fold in the batch just trained on (call after the optimizer step)."""
+        for name, layer in self.layers.items():
+            s_out, s_in = layer.neuron_magnitudes()
+            for importance, grads, strength in ((self.src, self._grad_in, s_in), (self.dst, self._grad_out, s_out)):
+                grad = grads.get(name)
+                term = (1 - self.lam) * _normalised(strength)
+                if grad is not None:
+                    term = term + self.lam * _normalised(grad.to(term.device))
+                importance[name] = self.decay * importance[name] + term
+        self._grad_in, self._grad_out = {}, {}
+
+    def per_weight_src(self, name: str, flat: torch.Tensor) -> torch.Tensor:
+        """Importance of each live weight's input neuron (WAST's drop score factor)."""
+        _, src = weight_neurons(flat, self.layers[name].shape)
+        return self.src[name][src.to(self.src[name].device)]
+
+    def score_chunks(self, name: str):
+        shape = self.layers[name].shape
+        return lambda: outer_chunks(self.dst[name], self.src[name], shape)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {**{f"src.{k}": v for k, v in self.src.items()}, **{f"dst.{k}": v for k, v in self.dst.items()}}
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        for key, value in tensors.items():
+            kind, _, name = key.partition(".")
+            getattr(self, kind)[name] = value.to(getattr(self, kind)[name].device)
+
+
+class ActivationBuffer(_Hooks):
+    """The last `samples` input and output rows of every sparse Linear layer (CTRE)."""
+
+    def __init__(self, layers: dict[str, SparseLayer], samples: int = 1024):
+        super().__init__(layers)
+        bad = [name for name, layer in layers.items() if len(layer.shape) != 2]
+        if bad:
+            raise ValueError(
+                f"activation similarity is defined for Linear layers only; {', '.join(bad)} is not "
+                "(exclude it, e.g. with dense_first, or choose another method)"
+            )
+        if samples < 2:
+            raise ValueError(f"activation samples {samples!r} must be >= 2")
+        self.samples = samples
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._next: dict[str, dict[str, int]] = {"inputs": {}, "outputs": {}}  # next row, once a ring is full
+        for name, layer in layers.items():
+            self.handles.append(layer.module.register_forward_hook(self._make_hook(name)))
+
+    def _make_hook(self, name: str):
+        def keep(kind: str, rows: torch.Tensor) -> None:
+            """Write into a ring of `samples` rows, oldest first once full (no re-allocation)."""
+            store, position = getattr(self, kind), self._next[kind]
+            rows = rows.detach().reshape(-1, rows.shape[-1])[-self.samples :]
+            ring = store.get(name)
+            if ring is None or ring.shape[0] < self.samples:  # still filling
+                store[name] = rows.clone() if ring is None else torch.cat([ring, rows])[-self.samples :]
+                position[name] = 0
+                return
+            start = position.get(name, 0)
+            first = min(rows.shape[0], self.samples - start)
+            ring[start : start + first] = rows[:first]
+            ring[: rows.shape[0] - first] = rows[first:]
+            position[name] = (start + rows.shape[0]) % self.samples
+
+        def forward_hook(module, args, output):
+            if self.active(module):
+                keep("inputs", args[0])
+                keep("outputs", output)
+
+        return forward_hook
+
+    def recent(self, kind: str, name: str) -> torch.Tensor:
+        """The buffered rows ("inputs" or "outputs") of layer `name`, oldest first."""
+        ring = getattr(self, kind)[name]
+        start = self._next[kind].get(name, 0)
+        return torch.cat([ring[start:], ring[:start]]) if start else ring
+
+    def score_chunks(self, name: str):
+        """|cosine similarity| between the activations of every input neuron i and output neuron
+        o over the buffered samples, a block of output neurons at a time."""
+        if name not in self.inputs:
+            raise RuntimeError(f"layer {name}: no activations were recorded before this update")
+        x = self.inputs[name]
+        y = self.outputs[name]
+        x = x / x.norm(dim=0, keepdim=True).clamp_min(1e-12)
+        y = y / y.norm(dim=0, keepdim=True).clamp_min(1e-12)
+        n_in = x.shape[1]
+        rows = max(1, CHUNK_ELEMENTS // n_in)
+
+        def chunks():
+            for start in range(0, y.shape[1], rows):
+                stop = min(start + rows, y.shape[1])
+                block = (y[:, start:stop].t() @ x).abs()
+                yield torch.arange(start * n_in, stop * n_in, device=block.device), block.reshape(-1)
+
+        return chunks
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The buffers, oldest row first (so a reload continues the same ring)."""
+        return {
+            **{f"inputs.{k}": self.recent("inputs", k) for k in self.inputs},
+            **{f"outputs.{k}": self.recent("outputs", k) for k in self.outputs},
+        }
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        for key, value in tensors.items():
+            kind, _, name = key.partition(".")
+            getattr(self, kind)[name] = value.clone()
+            self._next[kind][name] = 0
+
+
+class DenseMomentum:
+    """SNFS: m <- beta m + (1 - beta) g of the dense gradient at every position, every step.
+    Needs the dense gradient of every step, so it runs on the masked backend."""
+
+    def __init__(self, layers: dict[str, SparseLayer], beta: float = 0.9):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"momentum beta {beta!r} must be in [0, 1)")
+        self.layers, self.beta = layers, beta
+        self.momentum = {
+            name: torch.zeros(layer.shape, device=layer.parameter.device) for name, layer in layers.items()
+        }
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for name, layer in self.layers.items():
+            for flat, grad in layer.dense_grad_chunks():
+                m = self.momentum[name].view(-1)
+                m[flat] = self.beta * m[flat] + (1 - self.beta) * grad.to(m.device)
+
+    def reset(self, name: str, flat: torch.Tensor) -> None:
+        self.momentum[name].view(-1)[flat.to(self.momentum[name].device)] = 0
+
+    def mean_abs_live(self, name: str, flat: torch.Tensor) -> float:
+        return (
+            float(self.momentum[name].view(-1)[flat.to(self.momentum[name].device)].abs().mean())
+            if flat.numel()
+            else 0.0
+        )
+
+    def score_chunks(self, name: str):
+        m = self.momentum[name].view(-1)
+        return lambda: iter([(torch.arange(m.numel(), device=m.device), m.abs())])
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return dict(self.momentum)
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, value in tensors.items():
+            self.momentum[name] = value.to(self.momentum[name].device)
