@@ -34,7 +34,14 @@ def _int_list(text: str) -> list[int]:
 
 HELP = {
     "dataset": "digits (offline), mnist, fashion-mnist, cifar10",
-    "model": "mlp or cnn",
+    "model": "mlp, cnn or vit",
+    "attention": "vit: dense or moba (Mixture of Block Attention)",
+    "patch_size": "vit: patch side in pixels (1 = one token per pixel)",
+    "block_size": "vit with moba: tokens per block, a square tile of the patch grid",
+    "top_k": "vit with moba: blocks each query attends to, its own block included",
+    "own_block": "vit with moba: always attend to the query's own block",
+    "full_layers": "vit with moba: the last N layers use dense attention",
+    "key_conv": "vit with moba: width of a depthwise convolution on the keys (off by default)",
     "hidden": "MLP hidden widths, comma-separated (default 1000,1000,1000)",
     "method": f"DST method: {', '.join(METHODS)}",
     "density": "fraction of live weights in the sparse layers, in (0, 1] (0.05 = 95%% sparsity)",

@@ -1,4 +1,4 @@
-"""Models: the SET-MLP shape and a small CNN for 28x28 / 32x32 images."""
+"""Models: the SET-MLP shape, a small CNN and a ViT (dense or MoBA attention) for 28x28 / 32x32 images."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-MODELS = ("mlp", "cnn")
+MODELS = ("mlp", "cnn", "vit")
 
 
 class MLP(nn.Module):
@@ -66,7 +66,9 @@ def build_model(
     num_classes: int,
     hidden: Sequence[int] = (1000, 1000, 1000),
     dropout: float = 0.0,
+    vit: dict | None = None,
 ) -> nn.Module:
+    """vit: keyword arguments of `ViT` (patch_size, dim, depth, heads, attention, ...)."""
     c, h, w = image_shape
     if name == "mlp":
         return MLP(c * h * w, hidden, num_classes, dropout)
@@ -74,7 +76,11 @@ def build_model(
         if h != w:
             raise ValueError(f"the CNN expects square images, got {h}x{w}")
         return CNN(c, h, num_classes, dropout)
+    if name == "vit":
+        return ViT(image_shape, num_classes, dropout=dropout, **(vit or {}))
     raise ValueError(f"unknown model {name!r}; choose from: {', '.join(MODELS)}")
 
 
-__all__ = ["CNN", "MLP", "MODELS", "build_model"]
+from neuroplast.models.vit import ViT  # noqa: E402  (after the models it sits beside)
+
+__all__ = ["CNN", "MLP", "MODELS", "ViT", "build_model"]

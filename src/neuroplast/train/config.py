@@ -8,6 +8,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from neuroplast.attention import ATTENTIONS
 from neuroplast.data import DATASETS
 from neuroplast.dst import METHODS
 from neuroplast.dst.schedules import ANNEALS
@@ -47,6 +48,17 @@ class RunConfig:
     model: str = "mlp"
     hidden: list[int] = field(default_factory=lambda: [1000, 1000, 1000])
     dropout: float = 0.0
+    # ViT (model "vit")
+    attention: str = "dense"  # dense or moba
+    patch_size: int = 4  # 1: one token per pixel
+    vit_dim: int = 64
+    vit_depth: int = 4
+    vit_heads: int = 4
+    block_size: int = 16  # MoBA: tokens per block (a square tile of the patch grid)
+    top_k: int = 3  # MoBA: blocks per query, the own block included
+    own_block: bool = True  # MoBA: always attend to the query's own block
+    full_layers: int = 0  # MoBA: the last layers use dense attention (hybrid)
+    key_conv: int | None = None  # MoBA: width of the depthwise key convolution (None: off)
     # sparsity
     method: str = "set"
     density: float = 0.05
@@ -98,6 +110,7 @@ class RunConfig:
             "optimizer": OPTIMIZERS,
             "lr_schedule": LR_SCHEDULES,
             "device": DEVICES,
+            "attention": ATTENTIONS,
         }
         for key, valid in choices.items():
             value = getattr(self, key)
@@ -105,7 +118,17 @@ class RunConfig:
                 raise ConfigError(f"unknown {key} {value!r}; choose from: {', '.join(valid)}")
         if not 0.0 < self.density <= 1.0:
             raise ConfigError(f"density {self.density!r} is outside (0, 1]; e.g. 0.05 for 95% sparsity")
-        for key in ("epochs", "batch_size", "lr_step_size"):
+        for key in (
+            "epochs",
+            "batch_size",
+            "lr_step_size",
+            "patch_size",
+            "vit_dim",
+            "vit_depth",
+            "vit_heads",
+            "block_size",
+            "top_k",
+        ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} {getattr(self, key)!r} must be a positive integer")
         if self.update_every is not None and self.update_every < 1:
@@ -129,11 +152,22 @@ class RunConfig:
             value = getattr(self, key)
             if value is not None and not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{key} {value!r} must be in [0, 1]")
+        if self.key_conv is not None and self.key_conv < 1:
+            raise ConfigError(f"key_conv {self.key_conv!r} must be a positive kernel width")
+        if self.full_layers < 0:
+            raise ConfigError(f"full_layers {self.full_layers!r} must be >= 0")
         if self.drop_anneal is not None and self.drop_anneal not in ANNEALS:
             raise ConfigError(f"unknown drop_anneal {self.drop_anneal!r}; choose from: {', '.join(ANNEALS)}")
         if self.epsilon is not None and self.distribution != "er":
             raise ConfigError(f"epsilon is only used with distribution 'er', not {self.distribution!r}")
         return self
+
+    def changed_from(self, saved: dict) -> list[str]:
+        """The settings in which this config differs from a saved one (`asdict` of a RunConfig).
+        A setting the saved config does not have (it was written before the setting existed)
+        counts as its default value."""
+        defaults = asdict(RunConfig())
+        return sorted(key for key, value in asdict(self).items() if saved.get(key, defaults[key]) != value)
 
     # -- TOML ----------------------------------------------------------------------------------
     def to_toml(self) -> str:

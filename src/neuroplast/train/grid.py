@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 from neuroplast.data import load_dataset
@@ -27,7 +27,8 @@ def is_finished(folder: Path, config: RunConfig) -> bool:
     if not path.is_file():
         return False
     summary = json.loads(path.read_text())
-    return summary.get("config") == asdict(config) and summary.get("epochs") == config.epochs
+    saved = summary.get("config")
+    return isinstance(saved, dict) and not config.changed_from(saved) and summary.get("epochs") == config.epochs
 
 
 def run_grid(

@@ -112,9 +112,24 @@ class Run:
         self.device = resolve_device(config.device)
         seed_everything(config.seed)
         self.data = dataset or load_dataset(config.dataset, flatten=config.model == "mlp")
-        self.model = build_model(
-            config.model, self.data.image_shape, self.data.num_classes, config.hidden, config.dropout
-        ).to(self.device)
+        vit = dict(
+            patch_size=config.patch_size,
+            dim=config.vit_dim,
+            depth=config.vit_depth,
+            heads=config.vit_heads,
+            attention=config.attention,
+            block_size=config.block_size,
+            top_k=config.top_k,
+            own_block=config.own_block,
+            full_layers=config.full_layers,
+            key_conv=config.key_conv,
+        )
+        try:
+            self.model = build_model(
+                config.model, self.data.image_shape, self.data.num_classes, config.hidden, config.dropout, vit
+            ).to(self.device)
+        except ValueError as exc:  # e.g. a patch size or MoBA block that does not fit the images
+            raise ConfigError(str(exc)) from exc
         self.topology: Topology | None = None
         if config.method != "dense":
             try:
@@ -321,8 +336,8 @@ def train(
                 tensors, state = load_checkpoint(checkpoint)
             except CheckpointError as exc:
                 raise ConfigError(str(exc)) from exc
-            if state["config"] != asdict(config):
-                changed = sorted(k for k, v in asdict(config).items() if state["config"].get(k) != v)
+            changed = config.changed_from(state["config"])
+            if changed:
                 raise ConfigError(
                     f"{out} holds a run with a different configuration (changed: {', '.join(changed)}); "
                     "use another --out"

@@ -1,0 +1,24 @@
+"""Attention: Mixture of Block Attention (MoBA) and a dense baseline. Imports nothing else of neuroplast."""
+
+from neuroplast.attention.layers import ATTENTIONS, MoBAttention
+from neuroplast.attention.moba import (
+    IMPLEMENTATIONS,
+    inverse_order,
+    key_convolution,
+    moba_attention,
+    select_blocks,
+    selection_mask,
+    tile_order,
+)
+
+__all__ = [
+    "ATTENTIONS",
+    "IMPLEMENTATIONS",
+    "MoBAttention",
+    "inverse_order",
+    "key_convolution",
+    "moba_attention",
+    "select_blocks",
+    "selection_mask",
+    "tile_order",
+]

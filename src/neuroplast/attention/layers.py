@@ -1,0 +1,104 @@
+"""Multi-head attention modules: dense (scaled_dot_product_attention) and MoBA."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neuroplast.attention.moba import IMPLEMENTATIONS, inverse_order, key_convolution, moba_attention, tile_order
+
+ATTENTIONS = ("dense", "moba")
+
+
+class MoBAttention(nn.Module):
+    """Multi-head self-attention over (batch, tokens, dim) with MoBA routing, or dense attention
+    (`full=True`: the "hybrid" layers of a MoBA model).
+
+    kv_heads < heads shares each key/value head among heads // kv_heads query heads (GQA).
+    key_conv: width of the optional depthwise key convolution (None: off); it starts as the
+    identity. grid / tile: for image tokens, the (rows, cols) patch grid and the (rows, cols)
+    tile that makes one block: tokens are reordered tile by tile before attention and put back
+    after, so a block is a square tile rather than a raster strip (block_size must equal the
+    tile's area).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        block_size: int,
+        top_k: int,
+        kv_heads: int | None = None,
+        causal: bool = False,
+        force_own_block: bool | None = None,
+        key_conv: int | None = None,
+        grid: tuple[int, int] | None = None,
+        tile: tuple[int, int] | None = None,
+        full: bool = False,
+        implementation: str = "auto",
+    ):
+        super().__init__()
+        kv_heads = kv_heads or heads
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not a multiple of heads {heads}")
+        if heads % kv_heads:
+            raise ValueError(f"heads {heads} is not a multiple of kv_heads {kv_heads}")
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"unknown implementation {implementation!r}; choose from: {', '.join(IMPLEMENTATIONS)}")
+        if (grid is None) != (tile is None):
+            raise ValueError("give both grid and tile (or neither)")
+        if tile is not None and tile[0] * tile[1] != block_size:
+            raise ValueError(
+                f"a {tile[0]}x{tile[1]} tile holds {tile[0] * tile[1]} tokens, not block_size {block_size}"
+            )
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.block_size, self.top_k, self.causal = block_size, top_k, causal
+        self.force_own_block, self.full, self.implementation = force_own_block, full, implementation
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * kv_heads * self.head_dim)
+        self.out = nn.Linear(dim, dim)
+        self.key_conv = None
+        if key_conv is not None:
+            weight = torch.zeros(kv_heads, self.head_dim, key_conv)
+            weight[..., -1 if causal else key_conv // 2] = 1.0  # identity at the current token
+            self.key_conv = nn.Parameter(weight)
+        if grid is not None:
+            order = tile_order(*grid, *tile)
+            self.register_buffer("order", order, persistent=False)
+            self.register_buffer("restore", inverse_order(order), persistent=False)
+        else:
+            self.order = self.restore = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, n, dim = x.shape
+        if self.order is not None:
+            if n != self.order.numel():
+                raise ValueError(f"{n} tokens, but the tile order was built for {self.order.numel()}")
+            x = x[:, self.order]
+        q = self.q(x).view(batch, n, self.heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(x).view(batch, n, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.full:
+            if self.key_conv is not None:
+                k = key_convolution(k, self.key_conv, self.causal)
+            group = self.heads // self.kv_heads
+            k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        else:
+            y = moba_attention(
+                q,
+                k,
+                v,
+                self.block_size,
+                self.top_k,
+                causal=self.causal,
+                force_own_block=self.force_own_block,
+                key_conv=self.key_conv,
+                implementation=self.implementation,
+            )
+        y = self.out(y.transpose(1, 2).reshape(batch, n, dim))
+        return y[:, self.restore] if self.restore is not None else y
+
+    def extra_repr(self) -> str:
+        kind = "full" if self.full else f"moba block={self.block_size} top_k={self.top_k}"
+        return f"heads={self.heads}, kv_heads={self.kv_heads}, {kind}, causal={self.causal}"

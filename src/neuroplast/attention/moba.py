@@ -1,0 +1,257 @@
+"""Mixture of Block Attention (MoBA; Lu et al., arXiv:2502.13189), exact per-token routing.
+
+Keys are cut into contiguous blocks of `block_size` (the last one may be short). Each query
+scores every block by q . mean(K_block) (fp32, unscaled, no gradient: routing is a hard choice)
+and attends to its top-k blocks only; the outputs of the parts are merged exactly with their
+log-sum-exps.
+
+- causal: the query's own block is always chosen (token-level causal mask inside it) and counts
+  in k; history blocks are those entirely in the past; future blocks are never chosen.
+- non-causal (images): every block is eligible; `force_own_block` adds the own block (counting
+  in k) as a locality prior.
+
+Two implementations give the same result (tests hold them to it):
+- `reference`: dense attention with the exact N x N selection mask (O(N^2); the test oracle);
+- `gather`: cost proportional to the selected blocks. Part (a), the own block, is a batched
+  block-diagonal attention; part (b) groups the queries by the key block they chose (per batch
+  and head), gathers them into dense tiles and runs one batched matmul against the block's keys;
+  the parts are merged by log-sum-exp. Autograd differentiates through the gathers, so the
+  backward costs the same order as the forward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+IMPLEMENTATIONS = ("auto", "gather", "reference")
+TILE_ROWS = 64  # queries per dense tile in the gather path
+
+
+def key_convolution(k: torch.Tensor, weight: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Depthwise convolution of the keys along the sequence ("Optimizing MoBA", arXiv:2511.11571):
+    k (B, H, N, D), weight (H, D, width). Causal: each key sees itself and the width - 1 before it;
+    non-causal: a centred window (odd width)."""
+    batch, heads, n, dim = k.shape
+    width = weight.shape[-1]
+    x = k.permute(0, 1, 3, 2).reshape(batch, heads * dim, n)
+    pad = (width - 1, 0) if causal else ((width - 1) // 2, width // 2)
+    y = F.conv1d(F.pad(x, pad), weight.reshape(heads * dim, 1, width), groups=heads * dim)
+    return y.reshape(batch, heads, dim, n).permute(0, 1, 3, 2)
+
+
+def _expand_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped KV heads: query head h reads KV head h // (Hq / Hkv)."""
+    hq, hkv = q.shape[1], k.shape[1]
+    if hq % hkv:
+        raise ValueError(f"{hq} query heads are not a multiple of {hkv} key/value heads")
+    if hq != hkv:
+        k, v = k.repeat_interleave(hq // hkv, dim=1), v.repeat_interleave(hq // hkv, dim=1)
+    return k, v
+
+
+@torch.no_grad()
+def select_blocks(
+    q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int, causal: bool, force_own_block: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routing: (chosen, valid), each (B, H, N, c). chosen[..., t, :] are the blocks query t
+    attends to besides its forced own block (all of them when the own block is not forced);
+    valid marks real choices (early causal queries have fewer eligible blocks than k - 1)."""
+    batch, heads, n, _ = k.shape
+    blocks = math.ceil(n / block_size)
+    padded = F.pad(k.float(), (0, 0, 0, blocks * block_size - n))
+    lengths = torch.full((blocks,), float(block_size), device=k.device)
+    lengths[-1] = n - (blocks - 1) * block_size
+    centroids = padded.view(batch, heads, blocks, block_size, -1).sum(3) / lengths[:, None]
+    scores = q.float() @ centroids.transpose(-1, -2)  # (B, H, N, blocks)
+    own = torch.arange(n, device=q.device) // block_size
+    block = torch.arange(blocks, device=q.device)
+    if causal:
+        eligible = block[None, :] < own[:, None]  # entirely in the past
+    elif force_own_block:
+        eligible = block[None, :] != own[:, None]
+    else:
+        eligible = torch.ones(n, blocks, dtype=torch.bool, device=q.device)
+    count = min(top_k - 1 if (causal or force_own_block) else top_k, blocks)
+    if count <= 0:
+        empty = torch.empty(batch, heads, n, 0, dtype=torch.long, device=q.device)
+        return empty, empty.bool()
+    scores = scores.masked_fill(~eligible, float("-inf"))
+    values, chosen = scores.topk(count, dim=-1)
+    return chosen, values > float("-inf")
+
+
+def _check(q, k, v, block_size, top_k, implementation) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("q, k, v must be (batch, heads, sequence, head_dim)")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit together")
+    if block_size < 1:
+        raise ValueError(f"block_size {block_size!r} must be >= 1")
+    if top_k < 1:
+        raise ValueError(f"top_k {top_k!r} must be >= 1")
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown implementation {implementation!r}; choose from: {', '.join(IMPLEMENTATIONS)}")
+
+
+def moba_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_size: int,
+    top_k: int,
+    causal: bool = True,
+    force_own_block: bool | None = None,
+    key_conv: torch.Tensor | None = None,
+    scale: float | None = None,
+    implementation: str = "auto",
+) -> torch.Tensor:
+    """MoBA attention. q (B, Hq, N, D); k, v (B, Hkv, N, D) with Hq a multiple of Hkv.
+
+    force_own_block: default True when causal (required there), False otherwise.
+    key_conv: optional depthwise key convolution weight (Hkv, D, width), applied to the keys
+    before routing and attention.
+    implementation: "gather" (cost ~ selected blocks), "reference" (dense, exact mask), or
+    "auto" (gather).
+    """
+    _check(q, k, v, block_size, top_k, implementation)
+    if force_own_block is None:
+        force_own_block = causal
+    if causal and not force_own_block:
+        raise ValueError(
+            "causal MoBA always attends to the query's own block; force_own_block=False needs causal=False"
+        )
+    if key_conv is not None:
+        k = key_convolution(k, key_conv, causal)
+    k, v = _expand_kv(q, k, v)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    chosen, valid = select_blocks(q.detach(), k.detach(), block_size, top_k, causal, force_own_block)
+    if implementation == "reference":
+        return _reference(q, k, v, block_size, chosen, valid, causal, force_own_block, scale)
+    return _gather(q, k, v, block_size, chosen, valid, causal, force_own_block, scale)
+
+
+def selection_mask(
+    n: int, block_size: int, chosen: torch.Tensor, valid: torch.Tensor, causal: bool, force_own_block: bool
+) -> torch.Tensor:
+    """(B, H, N, N) bool: key j is allowed for query t."""
+    blocks = math.ceil(n / block_size)
+    picked = torch.zeros(*chosen.shape[:-1], blocks + 1, dtype=torch.bool, device=chosen.device)
+    picked.scatter_(-1, torch.where(valid, chosen, blocks), True)  # invalid picks land in a spare column
+    picked = picked[..., :blocks]
+    position = torch.arange(n, device=chosen.device)
+    if force_own_block:
+        picked[..., position, position // block_size] = True
+    allowed = picked[..., position // block_size]  # (B, H, N, N): block of key j chosen by query t
+    if causal:
+        allowed = allowed & (position[None, :] <= position[:, None])
+    return allowed
+
+
+def _working(x: torch.Tensor) -> torch.Tensor:
+    """Attention arithmetic in at least fp32 (fp16/bf16 inputs are upcast; fp64 stays fp64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _reference(q, k, v, block_size, chosen, valid, causal, force_own_block, scale) -> torch.Tensor:
+    allowed = selection_mask(q.shape[2], block_size, chosen, valid, causal, force_own_block)
+    scores = (_working(q) @ _working(k).transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return (scores.softmax(-1) @ _working(v)).to(q.dtype)
+
+
+def _blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(B, H, N, D) -> (B*H, blocks, block_size, D), zero-padded."""
+    batch, heads, n, dim = x.shape
+    blocks = math.ceil(n / block_size)
+    return F.pad(x, (0, 0, 0, blocks * block_size - n)).reshape(batch * heads, blocks, block_size, dim)
+
+
+def _gather(q, k, v, block_size, chosen, valid, causal, force_own_block, scale) -> torch.Tensor:
+    batch, heads, n, dim = q.shape
+    bh, blocks = batch * heads, math.ceil(n / block_size)
+    dtype = q.dtype
+    qf, kf, vf = _working(q), _working(k), _working(v)
+    kb, vb = _blocks(kf, block_size), _blocks(vf, block_size)  # (BH, blocks, bs, D)
+    key_real = (torch.arange(blocks * block_size, device=q.device) < n).view(blocks, block_size)
+    parts_lse, parts_out, parts_query = [], [], []
+
+    # (a) the own block: block-diagonal attention, causal inside the block when causal
+    if force_own_block:
+        qb = _blocks(qf, block_size)
+        s = (qb @ kb.transpose(-1, -2)) * scale  # (BH, blocks, bs, bs)
+        allowed = key_real[:, None, :].expand(blocks, block_size, block_size)
+        if causal:
+            allowed = allowed & torch.ones(block_size, block_size, dtype=torch.bool, device=q.device).tril()
+        s = s.masked_fill(~allowed, float("-inf"))
+        lse = s.logsumexp(-1)
+        out = s.softmax(-1) @ vb
+        parts_lse.append(lse.reshape(bh, -1)[:, :n].reshape(-1))
+        parts_out.append(out.reshape(bh, -1, dim)[:, :n].reshape(-1, dim))
+        parts_query.append(torch.arange(bh * n, device=q.device))
+
+    # (b) the chosen blocks: queries grouped by (batch x head, key block), one batched matmul
+    if valid.any():
+        head_index, query, slot = valid.view(bh, n, -1).nonzero(as_tuple=True)
+        key_block = chosen.view(bh, n, -1)[head_index, query, slot]
+        group = head_index * blocks + key_block
+        order = torch.argsort(group, stable=True)
+        group, head_index, query = group[order], head_index[order], query[order]
+        # each group (a key block of one batch x head) is cut into tiles of TILE_ROWS queries, so
+        # padding wastes less than one tile per group however unequal the groups are
+        groups = bh * blocks
+        counts = torch.bincount(group, minlength=groups)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(group.numel(), device=q.device) - starts[group]
+        tiles_per_group = (counts + TILE_ROWS - 1) // TILE_ROWS
+        first_tile = torch.cumsum(tiles_per_group, 0) - tiles_per_group
+        tile_of_pair, row_of_pair = first_tile[group] + rank // TILE_ROWS, rank % TILE_ROWS
+        tile_group = torch.repeat_interleave(torch.arange(groups, device=q.device), tiles_per_group)
+        flat_query = head_index * n + query  # row of (BH*N, D)
+        rows = torch.full((tile_group.numel(), TILE_ROWS), bh * n, dtype=torch.long, device=q.device)
+        rows[tile_of_pair, row_of_pair] = flat_query  # bh*n: a zero row pads each tile
+        q_rows = torch.cat([qf.reshape(bh * n, dim), qf.new_zeros(1, dim)])
+        keys = kb.reshape(groups, block_size, dim)[tile_group]  # (tiles, bs, D)
+        values = vb.reshape(groups, block_size, dim)[tile_group]
+        s = (q_rows[rows] @ keys.transpose(-1, -2)) * scale  # (tiles, TILE_ROWS, bs)
+        s = s.masked_fill(~key_real[tile_group % blocks][:, None, :], float("-inf"))
+        lse = s.logsumexp(-1)
+        out = s.softmax(-1) @ values
+        parts_lse.append(lse[tile_of_pair, row_of_pair])
+        parts_out.append(out[tile_of_pair, row_of_pair])
+        parts_query.append(flat_query)
+
+    # merge: L = logsumexp over the parts of each query; o = sum_p exp(l_p - L) o_p
+    lse_all, out_all, query_all = torch.cat(parts_lse), torch.cat(parts_out), torch.cat(parts_query)
+    peak = lse_all.new_full((bh * n,), float("-inf"))
+    peak = peak.scatter_reduce(0, query_all, lse_all.detach(), reduce="amax")
+    total = lse_all.new_zeros(bh * n).index_add(0, query_all, (lse_all - peak[query_all]).exp())
+    merged_lse = peak + total.log()
+    weight = (lse_all - merged_lse[query_all]).exp()
+    merged = out_all.new_zeros(bh * n, dim).index_add(0, query_all, weight[:, None] * out_all)
+    return merged.view(batch, heads, n, dim).to(dtype)
+
+
+def tile_order(rows: int, cols: int, tile_rows: int, tile_cols: int) -> torch.Tensor:
+    """A permutation of a rows x cols grid of patch tokens (raster order) such that each run of
+    tile_rows * tile_cols consecutive tokens is one square-ish tile, not a raster strip:
+    `tokens[:, order]` puts patch (r, c) at ((r // th) * (cols // tw) + c // tw) * th * tw +
+    (r % th) * tw + c % tw. Undo with `tokens[:, inverse_order(order)]`."""
+    if rows % tile_rows or cols % tile_cols:
+        raise ValueError(f"tiles {tile_rows}x{tile_cols} do not divide the {rows}x{cols} grid")
+    r = torch.arange(rows)[:, None]
+    c = torch.arange(cols)[None, :]
+    tile_size = tile_rows * tile_cols
+    destination = ((r // tile_rows) * (cols // tile_cols) + c // tile_cols) * tile_size
+    destination = destination + (r % tile_rows) * tile_cols + c % tile_cols
+    order = torch.empty(rows * cols, dtype=torch.long)
+    order[destination.reshape(-1)] = torch.arange(rows * cols)
+    return order
+
+
+def inverse_order(order: torch.Tensor) -> torch.Tensor:
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return inverse

@@ -1,0 +1,119 @@
+"""A small Vision Transformer whose attention is dense or MoBA, down to one pixel per token."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from neuroplast.attention import ATTENTIONS, MoBAttention
+
+
+def square_tile(rows: int, cols: int, block_size: int) -> tuple[int, int]:
+    """The most square tile (th, tw) with th * tw = block_size that divides a rows x cols grid."""
+    best = None
+    for th in range(1, block_size + 1):
+        if block_size % th or rows % th or cols % (block_size // th):
+            continue
+        tw = block_size // th
+        if best is None or abs(math.log(th / tw)) < abs(math.log(best[0] / best[1])):
+            best = (th, tw)
+    if best is None:
+        valid = sorted(
+            {th * tw for th in range(1, rows + 1) if rows % th == 0 for tw in range(1, cols + 1) if cols % tw == 0}
+        )
+        raise ValueError(
+            f"block_size {block_size} cannot be a tile of the {rows}x{cols} patch grid; "
+            f"choose from: {', '.join(map(str, valid[:12]))}{', ...' if len(valid) > 12 else ''}"
+        )
+    return best
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, dim: int, attention: nn.Module, mlp_ratio: int, dropout: float):
+        super().__init__()
+        self.norm1, self.attention = nn.LayerNorm(dim), attention
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(mlp_ratio * dim, dim)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """Patches (patch_size x patch_size) -> linear embedding + learned positions -> `depth`
+    blocks -> mean of the tokens -> classifier.
+
+    attention: "dense" or "moba" (non-causal; each block of `block_size` tokens is a square tile
+    of the patch grid; `top_k` blocks per query, the own block among them unless
+    own_block=False). full_layers: the last layers use dense attention (MoBA's hybrid).
+    key_conv: width of MoBA's optional key convolution (None: off).
+    """
+
+    def __init__(
+        self,
+        image_shape: tuple[int, int, int],
+        num_classes: int,
+        patch_size: int = 4,
+        dim: int = 64,
+        depth: int = 4,
+        heads: int = 4,
+        mlp_ratio: int = 2,
+        attention: str = "dense",
+        block_size: int = 16,
+        top_k: int = 3,
+        own_block: bool = True,
+        full_layers: int = 0,
+        key_conv: int | None = None,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        channels, height, width = image_shape
+        if attention not in ATTENTIONS:
+            raise ValueError(f"unknown attention {attention!r}; choose from: {', '.join(ATTENTIONS)}")
+        if height % patch_size or width % patch_size:
+            raise ValueError(f"patch_size {patch_size} does not divide the {height}x{width} image")
+        if not 0 <= full_layers <= depth:
+            raise ValueError(f"full_layers {full_layers} must be between 0 and depth {depth}")
+        grid = (height // patch_size, width // patch_size)
+        tokens = grid[0] * grid[1]
+        self.patch_size = patch_size
+        self.embed = nn.Linear(channels * patch_size * patch_size, dim)
+        self.position = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
+        tile = square_tile(*grid, block_size) if attention == "moba" else None
+        blocks = []
+        for layer in range(depth):
+            full = attention == "dense" or layer >= depth - full_layers
+            mixer = MoBAttention(
+                dim,
+                heads,
+                block_size=block_size,
+                top_k=top_k,
+                causal=False,
+                force_own_block=own_block,
+                key_conv=key_conv,
+                grid=None if full else grid,
+                tile=None if full else tile,
+                full=full,
+            )
+            blocks.append(Block(dim, mixer, mlp_ratio, dropout))
+        self.blocks = nn.Sequential(*blocks)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, tokens, C * p * p), tokens in raster order."""
+        p = self.patch_size
+        b, c, h, w = x.shape
+        x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(b, (h // p) * (w // p), c * p * p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(self.patches(x)) + self.position
+        return self.head(self.norm(self.blocks(tokens)).mean(1))

@@ -1,0 +1,157 @@
+"""MoBA: the routing rules, both implementations against an independent per-query oracle, gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from neuroplast.attention import MoBAttention, inverse_order, key_convolution, moba_attention, tile_order
+
+
+def rand(*shape, seed=0, grad=True):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return x.requires_grad_(grad)
+
+
+@torch.no_grad()
+def oracle(q, k, v, block_size, top_k, causal, force_own):
+    """MoBA written from the paper's rules, one query at a time (slow, obviously right)."""
+    batch, heads, n, dim = q.shape
+    k = k.repeat_interleave(heads // k.shape[1], 1)
+    v = v.repeat_interleave(heads // v.shape[1], 1)
+    blocks = math.ceil(n / block_size)
+    out = torch.zeros(batch, heads, n, dim, dtype=q.dtype)
+    for b in range(batch):
+        for h in range(heads):
+            centroids = torch.stack(
+                [k[b, h, i * block_size : (i + 1) * block_size].float().mean(0) for i in range(blocks)]
+            )
+            for t in range(n):
+                own = t // block_size
+                scores = q[b, h, t].float() @ centroids.t()
+                if causal:
+                    candidates = [i for i in range(blocks) if (i + 1) * block_size <= t]
+                elif force_own:
+                    candidates = [i for i in range(blocks) if i != own]
+                else:
+                    candidates = list(range(blocks))
+                count = top_k - 1 if force_own else top_k
+                ranked = sorted(candidates, key=lambda i: -float(scores[i]))[: max(count, 0)]
+                chosen = set(ranked) | ({own} if force_own else set())
+                keys = [j for j in range(n) if j // block_size in chosen and (not causal or j <= t)]
+                logits = (k[b, h, keys] @ q[b, h, t]) / math.sqrt(dim)
+                out[b, h, t] = logits.softmax(0) @ v[b, h, keys]
+    return out
+
+
+CASES = [
+    # n, block, top_k, causal, force_own, heads, kv_heads
+    (37, 8, 3, True, True, 4, 2),  # odd length, short last block, GQA
+    (29, 5, 2, True, True, 2, 2),
+    (40, 8, 1, True, True, 2, 1),  # k = 1: own block only (block-diagonal causal)
+    (50, 7, 3, False, False, 3, 1),  # non-causal, own block not forced
+    (45, 9, 2, False, True, 2, 2),  # non-causal, own block forced
+    (64, 16, 3, False, True, 1, 1),
+]
+
+
+@pytest.mark.parametrize("n,block,top_k,causal,force_own,heads,kv_heads", CASES)
+@pytest.mark.parametrize("implementation", ["reference", "gather"])
+def test_moba_matches_the_per_query_oracle(n, block, top_k, causal, force_own, heads, kv_heads, implementation):
+    q, k, v = rand(2, heads, n, 8, seed=1), rand(2, kv_heads, n, 8, seed=2), rand(2, kv_heads, n, 8, seed=3)
+    out = moba_attention(q, k, v, block, top_k, causal=causal, force_own_block=force_own, implementation=implementation)
+    torch.testing.assert_close(out, oracle(q, k, v, block, top_k, causal, force_own))
+
+
+@pytest.mark.parametrize("n,block,top_k,causal,force_own,heads,kv_heads", CASES)
+@pytest.mark.parametrize("conv", [None, 3])
+def test_gather_gradients_equal_the_reference(n, block, top_k, causal, force_own, heads, kv_heads, conv):
+    q, k, v = rand(2, heads, n, 8, seed=4), rand(2, kv_heads, n, 8, seed=5), rand(2, kv_heads, n, 8, seed=6)
+    weight = rand(kv_heads, 8, conv, seed=7) if conv else None
+    inputs = (q, k, v) + ((weight,) if conv else ())
+    grads = {}
+    for implementation in ("reference", "gather"):
+        out = moba_attention(q, k, v, block, top_k, causal, force_own, key_conv=weight, implementation=implementation)
+        grads[implementation] = (out, *torch.autograd.grad((out * out.detach().cos()).sum(), inputs))
+    for fast, reference in zip(grads["gather"], grads["reference"], strict=True):
+        torch.testing.assert_close(fast, reference)
+
+
+def test_gather_passes_gradcheck():
+    q, k, v = rand(1, 2, 19, 4, seed=8), rand(1, 1, 19, 4, seed=9), rand(1, 1, 19, 4, seed=10)
+    assert torch.autograd.gradcheck(lambda q, k, v: moba_attention(q, k, v, 4, 2, implementation="gather"), (q, k, v))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("implementation", ["reference", "gather"])
+def test_top_k_covering_every_block_is_dense_attention(causal, implementation):
+    q, k, v = rand(2, 4, 45, 8, seed=11), rand(2, 4, 45, 8, seed=12), rand(2, 4, 45, 8, seed=13)
+    out = moba_attention(q, k, v, 8, 6, causal=causal, implementation=implementation)  # 6 blocks
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+
+
+def test_causal_routing_never_looks_ahead():
+    """Changing future tokens changes no earlier output (future blocks are never chosen, and the
+    own block is masked token by token)."""
+    q, k, v = (
+        rand(1, 2, 40, 8, seed=14, grad=False),
+        rand(1, 2, 40, 8, seed=15, grad=False),
+        rand(1, 2, 40, 8, seed=16, grad=False),
+    )
+    before = moba_attention(q, k, v, 8, 2, implementation="gather")
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 21:] = rand(1, 2, 19, 8, seed=17, grad=False) * 10
+    v2[:, :, 21:] = rand(1, 2, 19, 8, seed=18, grad=False)
+    after = moba_attention(q, k2, v2, 8, 2, implementation="gather")
+    torch.testing.assert_close(after[:, :, :21], before[:, :, :21])
+
+
+def test_key_convolution_is_causal_and_identity_initialised_layers_change_nothing():
+    k = rand(1, 2, 12, 4, seed=19, grad=False)
+    weight = rand(2, 4, 3, seed=20, grad=False)
+    y = key_convolution(k, weight, causal=True)
+    expected = sum(weight[None, :, None, :, i] * F.pad(k, (0, 0, 2 - i, i))[:, :, :12] for i in range(3))
+    torch.testing.assert_close(y, expected)
+    torch.manual_seed(0)
+    with_conv = MoBAttention(16, 4, block_size=4, top_k=2, key_conv=3, causal=True)
+    torch.manual_seed(0)
+    without = MoBAttention(16, 4, block_size=4, top_k=2, causal=True)
+    x = torch.randn(2, 21, 16)
+    torch.testing.assert_close(with_conv(x), without(x))
+
+
+def test_tile_order_makes_each_block_a_square_tile():
+    order = tile_order(6, 8, 2, 4)  # 3 x 2 tiles of 2 x 4 patches
+    rows, cols = order // 8, order % 8
+    for block in range(6):
+        r, c = rows[block * 8 : (block + 1) * 8], cols[block * 8 : (block + 1) * 8]
+        assert r.max() - r.min() == 1 and c.max() - c.min() == 3  # one 2 x 4 tile
+    tokens = torch.arange(48)[None]
+    assert torch.equal(tokens[:, order][:, inverse_order(order)], tokens)
+    with pytest.raises(ValueError, match="do not divide"):
+        tile_order(6, 8, 4, 4)
+
+
+def test_module_with_tiles_and_every_block_equals_dense_attention():
+    torch.manual_seed(0)
+    moba = MoBAttention(16, 2, block_size=4, top_k=4, grid=(4, 4), tile=(2, 2))
+    dense = MoBAttention(16, 2, block_size=4, top_k=4, full=True)
+    dense.load_state_dict(moba.state_dict())
+    x = torch.randn(3, 16, 16)
+    torch.testing.assert_close(moba(x), dense(x), atol=1e-5, rtol=1e-5)
+
+
+def test_bad_arguments_are_named():
+    q = torch.randn(1, 3, 8, 4)
+    k = torch.randn(1, 2, 8, 4)
+    with pytest.raises(ValueError, match="not a multiple of 2 key/value heads"):
+        moba_attention(q, k, k, 4, 2)
+    with pytest.raises(ValueError, match="unknown implementation 'fast'; choose from: auto, gather, reference"):
+        moba_attention(k, k, k, 4, 2, implementation="fast")
+    with pytest.raises(ValueError, match="force_own_block=False needs causal=False"):
+        moba_attention(k, k, k, 4, 2, causal=True, force_own_block=False)
+    with pytest.raises(ValueError, match="not block_size 8"):
+        MoBAttention(16, 2, block_size=8, top_k=2, grid=(4, 4), tile=(2, 2))
