@@ -155,3 +155,16 @@ def test_bad_arguments_are_named():
         moba_attention(k, k, k, 4, 2, causal=True, force_own_block=False)
     with pytest.raises(ValueError, match="not block_size 8"):
         MoBAttention(16, 2, block_size=8, top_k=2, grid=(4, 4), tile=(2, 2))
+
+
+def test_gather_in_batches_of_heads_equals_all_heads_at_once(monkeypatch):
+    import neuroplast.attention.moba as moba
+
+    q, k, v = rand(2, 4, 45, 8, seed=21), rand(2, 2, 45, 8, seed=22), rand(2, 2, 45, 8, seed=23)
+    whole = moba_attention(q, k, v, 8, 3, implementation="gather")
+    grads = torch.autograd.grad(whole.sum(), (q, k, v))
+    monkeypatch.setattr(moba, "SCORE_BUDGET", 1)  # one head at a time
+    split = moba_attention(q, k, v, 8, 3, implementation="gather")
+    torch.testing.assert_close(split, whole)
+    for a, b in zip(torch.autograd.grad(split.sum(), (q, k, v)), grads, strict=True):
+        torch.testing.assert_close(a, b)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 IMPLEMENTATIONS = ("auto", "gather", "reference")
 TILE_ROWS = 64  # queries per dense tile in the gather path
+SCORE_BUDGET = 1 << 25  # score elements per batch of heads (128 MiB in fp32) in the gather path
 
 
 def key_convolution(k: torch.Tensor, weight: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -130,7 +131,27 @@ def moba_attention(
     chosen, valid = select_blocks(q.detach(), k.detach(), block_size, top_k, causal, force_own_block)
     if implementation == "reference":
         return _reference(q, k, v, block_size, chosen, valid, causal, force_own_block, scale)
-    return _gather(q, k, v, block_size, chosen, valid, causal, force_own_block, scale)
+    # heads are independent: take them a few at a time so the score tiles stay within a budget
+    batch, heads, n, _ = q.shape
+    per_head = n * min(top_k, math.ceil(n / block_size)) * (block_size + TILE_ROWS)
+    step = max(1, SCORE_BUDGET // per_head)
+    if step >= heads:
+        return _gather(q, k, v, block_size, chosen, valid, causal, force_own_block, scale)
+    parts = [
+        _gather(
+            q[:, h : h + step],
+            k[:, h : h + step],
+            v[:, h : h + step],
+            block_size,
+            chosen[:, h : h + step],
+            valid[:, h : h + step],
+            causal,
+            force_own_block,
+            scale,
+        )
+        for h in range(0, heads, step)
+    ]
+    return torch.cat(parts, dim=1)
 
 
 def selection_mask(
@@ -173,7 +194,7 @@ def _gather(q, k, v, block_size, chosen, valid, causal, force_own_block, scale) 
     batch, heads, n, dim = q.shape
     bh, blocks = batch * heads, math.ceil(n / block_size)
     dtype = q.dtype
-    qf, kf, vf = _working(q), _working(k), _working(v)
+    qf, kf, vf = _working(q) * scale, _working(k), _working(v)  # scaled once, not every score
     kb, vb = _blocks(kf, block_size), _blocks(vf, block_size)  # (BH, blocks, bs, D)
     key_real = (torch.arange(blocks * block_size, device=q.device) < n).view(blocks, block_size)
     parts_lse, parts_out, parts_query = [], [], []
@@ -181,11 +202,12 @@ def _gather(q, k, v, block_size, chosen, valid, causal, force_own_block, scale) 
     # (a) the own block: block-diagonal attention, causal inside the block when causal
     if force_own_block:
         qb = _blocks(qf, block_size)
-        s = (qb @ kb.transpose(-1, -2)) * scale  # (BH, blocks, bs, bs)
+        s = qb @ kb.transpose(-1, -2)  # (BH, blocks, bs, bs)
         allowed = key_real[:, None, :].expand(blocks, block_size, block_size)
         if causal:
             allowed = allowed & torch.ones(block_size, block_size, dtype=torch.bool, device=q.device).tril()
-        s = s.masked_fill(~allowed, float("-inf"))
+        if not bool(allowed.all()):
+            s = s.masked_fill(~allowed, float("-inf"))
         lse = s.logsumexp(-1)
         out = s.softmax(-1) @ vb
         parts_lse.append(lse.reshape(bh, -1)[:, :n].reshape(-1))
@@ -215,8 +237,9 @@ def _gather(q, k, v, block_size, chosen, valid, causal, force_own_block, scale) 
         q_rows = torch.cat([qf.reshape(bh * n, dim), qf.new_zeros(1, dim)])
         keys = kb.reshape(groups, block_size, dim)[tile_group]  # (tiles, bs, D)
         values = vb.reshape(groups, block_size, dim)[tile_group]
-        s = (q_rows[rows] @ keys.transpose(-1, -2)) * scale  # (tiles, TILE_ROWS, bs)
-        s = s.masked_fill(~key_real[tile_group % blocks][:, None, :], float("-inf"))
+        s = q_rows[rows] @ keys.transpose(-1, -2)  # (tiles, TILE_ROWS, bs)
+        if n % block_size:  # the short last block's padding keys
+            s = s.masked_fill(~key_real[tile_group % blocks][:, None, :], float("-inf"))
         lse = s.logsumexp(-1)
         out = s.softmax(-1) @ values
         parts_lse.append(lse[tile_of_pair, row_of_pair])

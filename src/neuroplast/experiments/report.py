@@ -33,10 +33,16 @@ class Row:
     seconds_per_epoch: float
 
 
-def load_run(folder: str | Path) -> RunResult:
-    folder = Path(folder)
+def read_run_folder(folder: Path) -> tuple[dict, list[dict]]:
+    """(summary, per-epoch records) of a finished run folder."""
     summary = json.loads((folder / "summary.json").read_text())
     records = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    return summary, records
+
+
+def load_run(folder: str | Path) -> RunResult:
+    folder = Path(folder)
+    summary, records = read_run_folder(folder)
     config = summary["config"]
     return RunResult(
         folder=folder,
@@ -176,8 +182,7 @@ class CellResult:
 
 def load_cell(folder: str | Path) -> CellResult:
     folder = Path(folder)
-    summary = json.loads((folder / "summary.json").read_text())
-    records = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    summary, records = read_run_folder(folder)
     config = summary["config"]
     survival = [
         layer["survival"]
