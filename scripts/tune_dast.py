@@ -18,7 +18,7 @@ from dataclasses import replace
 import torch
 
 GRID = {
-    "tau_start": [0.25, 0.5, 1.0],
+    "tau_start": [0.5, 1.0],
     "random_start": [0.2, 0.5],
     "importance_decay": [0.9, 0.99],
 }

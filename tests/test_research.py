@@ -100,8 +100,9 @@ def test_sampled_growth_in_chunks_equals_one_piece_and_mixes_random_and_sampled(
 
 # -- WAST: importance, drop, grow ----------------------------------------------------------------
 def test_wast_importance_follows_its_formula():
-    """I <- decay I + lam e/mean(e) + (1-lam) s/mean(s), e = mean |dL/d activation| over the
-    batch, s = sum of |w| over each neuron's live weights; for input and output neurons."""
+    """I <- decay I + lam e/mean(e) + (1-lam) s/mean(s), e = mean |a dL/da| over the batch
+    (gradient x activation), s = sum of |w| over each neuron's live weights; for input and
+    output neurons."""
     lam, decay = 0.3, 0.8
     model, topology = make_sparse()
     importance = NeuronImportance(topology.layers, lam=lam, decay=decay)
@@ -119,7 +120,7 @@ def test_wast_importance_follows_its_formula():
         out = model.classifier(model.features[1:](pre)) if hasattr(model, "classifier") else None
         assert out is not None
         nn.functional.cross_entropy(out, y).backward()
-        e_src, e_dst = x_leaf.grad.abs().mean(0), pre.grad.abs().mean(0)
+        e_src, e_dst = (x * x_leaf.grad).abs().mean(0), (pre * pre.grad).detach().abs().mean(0)
         w = (layer.weight * layer.weight_mask).detach().abs()
         s_src, s_dst = w.sum(0), w.sum(1)
         expected_src = decay * expected_src + lam * e_src / e_src.mean() + (1 - lam) * s_src / s_src.mean()
@@ -356,3 +357,16 @@ def test_bad_knobs_are_named():
         preset("dast", random_start=1.5)
     with pytest.raises(ValueError, match="unknown algorithm setting 'temperature'"):
         preset("dast", temperature=1.0)
+
+
+def test_an_input_that_is_always_zero_gets_no_loss_driven_importance():
+    """Like WAST's reconstruction error for a constant pixel, gradient x input is zero there."""
+    model, topology = make_sparse()
+    importance = NeuronImportance(topology.layers, lam=1.0)  # the loss-driven term alone
+    x, y = batch(0)
+    x[:, 3] = 0.0
+    nn.functional.cross_entropy(model(x), y).backward()
+    importance.update()
+    src = importance.src["features.0"]
+    assert src[3] == 0 and float(src.max()) > 0  # (inputs without live weights get 0 too)
+    importance.remove()

@@ -5,10 +5,11 @@
 
       I <- decay * I + lam * e / mean(e) + (1 - lam) * s / mean(s)
 
-  e = mean over the batch of |dL/d activation| (the input-gradient / attribution form of WAST's
-  loss-driven term, for supervised nets: for an autoencoder's output neurons it is WAST's
-  reconstruction error up to a constant), s = sum of |w| over the neuron's live weights (WAST's
-  strength term). Each term is divided by its mean over the layer's neurons so that lam weighs
+  e = mean over the batch of |a * dL/da| for the neuron's activation a (gradient x input: the
+  first-order estimate of how much the loss changes if the neuron is silenced; the supervised
+  form of WAST's loss-driven term: like WAST's reconstruction error it is zero for an input that
+  never varies from zero, e.g. an empty border pixel, whereas |dL/da| alone is not), s = sum of
+  |w| over the neuron's live weights (WAST's strength term). Each term is divided by its mean over the layer's neurons so that lam weighs
   quantities of the same scale (a gradient and a weight sum differ by orders of magnitude).
   decay = 1 is WAST's ever-growing sum; decay < 1 forgets old batches.
 - `ActivationBuffer` (CTRE): the most recent inputs and outputs of each sparse Linear layer,
@@ -111,9 +112,9 @@ class NeuronImportance(_Hooks):
         return None
 
     def _make_hook(self, name: str, conv: bool):
-        def accumulate(store: dict[str, torch.Tensor]):
+        def accumulate(store: dict[str, torch.Tensor], activation: torch.Tensor):
             def hook(grad: torch.Tensor) -> None:
-                value = _per_neuron(grad, conv)
+                value = _per_neuron(activation * grad, conv)
                 store[name] = store[name] + value if name in store else value
 
             return hook
@@ -122,9 +123,9 @@ class NeuronImportance(_Hooks):
             if not self.active(module):
                 return
             if torch.is_tensor(args[0]) and args[0].requires_grad:
-                args[0].register_hook(accumulate(self._grad_in))
+                args[0].register_hook(accumulate(self._grad_in, args[0].detach()))
             if output.requires_grad:
-                output.register_hook(accumulate(self._grad_out))
+                output.register_hook(accumulate(self._grad_out, output.detach()))
 
         return forward_hook
 
