@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass
@@ -487,7 +488,7 @@ def plot_connectivity(maps: list[tuple[str, object]], path: str | Path, title: s
         ax.set_xticks([])
         ax.set_yticks([])
     fig.colorbar(image, ax=axes, shrink=0.85, label="live connections per input pixel")
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, width=int(14 * (3.2 * len(maps) + 1.0))), fontsize=9)
     path = Path(path)
     fig.savefig(path)
     plt.close(fig)
