@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import textwrap
 import statistics
+import textwrap
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
