@@ -6,7 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neuroplast.attention.moba import IMPLEMENTATIONS, inverse_order, key_convolution, moba_attention, tile_order
+from neuroplast.attention.moba import (
+    IMPLEMENTATIONS,
+    expand_kv_heads,
+    inverse_order,
+    key_convolution,
+    moba_attention,
+    tile_order,
+)
 
 ATTENTIONS = ("dense", "moba")
 
@@ -81,8 +88,7 @@ class MoBAttention(nn.Module):
         if self.full:
             if self.key_conv is not None:
                 k = key_convolution(k, self.key_conv, self.causal)
-            group = self.heads // self.kv_heads
-            k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+            k, v = expand_kv_heads(q, k, v)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:
             y = moba_attention(

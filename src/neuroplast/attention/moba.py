@@ -43,7 +43,7 @@ def key_convolution(k: torch.Tensor, weight: torch.Tensor, causal: bool) -> torc
     return y.reshape(batch, heads, dim, n).permute(0, 1, 3, 2)
 
 
-def _expand_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def expand_kv_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Grouped KV heads: query head h reads KV head h // (Hq / Hkv)."""
     hq, hkv = q.shape[1], k.shape[1]
     if hq % hkv:
@@ -126,7 +126,7 @@ def moba_attention(
         )
     if key_conv is not None:
         k = key_convolution(k, key_conv, causal)
-    k, v = _expand_kv(q, k, v)
+    k, v = expand_kv_heads(q, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     chosen, valid = select_blocks(q.detach(), k.detach(), block_size, top_k, causal, force_own_block)
     if implementation == "reference":

@@ -37,7 +37,6 @@ class LayerSignals:
     # |momentum| of the dense gradient (SNFS), |cosine similarity| of neuron activations (CTRE),
     # importance(src) x importance(dst) (WAST, DAST): the grow criterion's non-negative scores
     score_chunks: ScoreChunks | None = None
-    flat: torch.Tensor | None = None  # flat indices of the live weights handed to drop
     live_grad: torch.Tensor | None = None  # gradient of the last mini-batch at those weights (MEST)
     src_importance: torch.Tensor | None = None  # per weight: importance of its input neuron (WAST drop)
     dropped: torch.Tensor | None = None  # flat indices just dropped (CTRE-sim)
@@ -180,7 +179,7 @@ def drop_by_magnitude_and_gradient(
     score = values.abs()
     if lam and signals is not None and signals.live_grad is not None:
         score = score + lam * signals.live_grad.abs().to(score.device)
-    return select_extreme(score, math.floor(fraction * values.numel()), generator, largest=False)
+    return select_extreme(score, _count(fraction, values.numel(), signals), generator, largest=False)
 
 
 def drop_by_noisy_magnitude(
@@ -189,7 +188,7 @@ def drop_by_noisy_magnitude(
     """CTRE: the floor(fraction * nnz) smallest |w| + N(0, noise^2) (noise = 1e-5 by default)."""
     noise = signals.params.get("drop_noise", 1e-5) if signals is not None else 1e-5
     score = values.abs() + noise * torch.randn(values.numel(), generator=generator).to(values.device)
-    return select_extreme(score, math.floor(fraction * values.numel()), generator, largest=False)
+    return select_extreme(score, _count(fraction, values.numel(), signals), generator, largest=False)
 
 
 def drop_by_attention(

@@ -237,10 +237,11 @@ class DSTEngine:
             "epsilon": cosine(a.random_start, a.random_end, progress),
         }
 
-    def _grow_counts(self, dropped: dict[str, torch.Tensor]) -> dict[str, int]:
+    def _grow_counts(self, dropped: dict[str, torch.Tensor], live: dict[str, torch.Tensor]) -> dict[str, int]:
         """As many as dropped per layer; with redistribution (SNFS) the total is shared across
-        layers in proportion to their mean |momentum| over live weights, capped at each layer's
-        empty positions, the rest re-shared until every connection is placed."""
+        layers in proportion to their mean |momentum| over the `live` weights (flat indices,
+        before the drop), capped at each layer's empty positions, the rest re-shared until every
+        connection is placed."""
         counts = {name: d.numel() for name, d in dropped.items()}
         if not self.algorithm.redistribute or self.momentum is None:
             return counts
@@ -248,8 +249,7 @@ class DSTEngine:
         layers = self.topology.layers
         weight, free = {}, {}
         for name in dropped:
-            _, flat = layers[name].live()
-            weight[name] = self.momentum.mean_abs_live(name, flat)
+            weight[name] = self.momentum.mean_abs_live(name, live[name])
             free[name] = layers[name].size - layers[name].nnz + dropped[name].numel()
         alloc = dict.fromkeys(dropped, 0)
         open_layers = [name for name in dropped if free[name] > 0]
@@ -280,22 +280,24 @@ class DSTEngine:
         # a layer kept dense (e.g. by ERK) has nowhere to grow: it is left alone
         updating = [name for name, layer in layers.items() if layer.nnz < layer.size]
         dropped: dict[str, torch.Tensor] = {}
+        live: dict[str, torch.Tensor] = {}
         for name in updating:
             layer = layers[name]
             values, flat = layer.live()
-            signals = LayerSignals(flat=flat, params=knobs)
+            live[name] = flat
+            signals = LayerSignals(params=knobs)
             if "live_grad" in DROP_NEEDS[self.algorithm.drop]:
                 signals.live_grad = layer.live_grad()
             if self.importance is not None:
                 signals.src_importance = self.importance.per_weight_src(name, flat)
             dropped[name] = flat[drop(values, fraction, self.generator, signals)]
-        counts = self._grow_counts(dropped)
+        counts = self._grow_counts(dropped, live)
         for name, layer in layers.items():
             if name not in dropped:
                 record.layers.append(LayerUpdate(name, layer.nnz, 0, 0, layer.r_s()))
                 continue
             gone = dropped[name]
-            signals = LayerSignals(dense_grad_chunks=layer.dense_grad_chunks, dropped=gone, flat=None, params=knobs)
+            signals = LayerSignals(dense_grad_chunks=layer.dense_grad_chunks, dropped=gone, params=knobs)
             signals.score_chunks = self._score_chunks(name)
             grown = grow(signals, layer.candidates(gone), counts[name], self.generator).to(gone.device)
             if self.algorithm.regrown_is_kept:

@@ -28,9 +28,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from neuroplast.sparse.csr import CHUNK_ELEMENTS  # scores are computed a block this size at a time
 from neuroplast.sparse.layer import SparseLayer
-
-CHUNK_ELEMENTS = 1 << 22  # scores computed per block (16 MiB of float32)
 
 
 def _per_neuron(tensor: torch.Tensor, conv: bool) -> torch.Tensor:
@@ -59,9 +58,10 @@ def outer_chunks(
     """(flat, dst[o] * src[i]) over all positions of a weight of `shape`, a block of rows at a time."""
     row_size, kernel = math.prod(shape[1:]), math.prod(shape[2:])
     rows = max(1, CHUNK_ELEMENTS // row_size)
+    per_position = src.repeat_interleave(kernel)[None, :]  # the same for every row
     for start in range(0, shape[0], rows):
         stop = min(start + rows, shape[0])
-        block = dst[start:stop, None] * src.repeat_interleave(kernel)[None, :]
+        block = dst[start:stop, None] * per_position
         yield torch.arange(start * row_size, stop * row_size, device=block.device), block.reshape(-1)
 
 
