@@ -8,7 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from neuroplast.attention import MoBAttention, inverse_order, key_convolution, moba_attention, tile_order
+from neuroplast.attention import MoBAttention, inverse_order, kernels, key_convolution, moba_attention, tile_order
+
+FAST = ["gather", "kernel"]  # the implementations held to the reference
+
+
+def skip_without(implementation: str) -> None:
+    if implementation == "kernel" and not kernels.available():
+        pytest.skip("numba kernels not available")
 
 
 def rand(*shape, seed=0, grad=True):
@@ -59,8 +66,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("n,block,top_k,causal,force_own,heads,kv_heads", CASES)
-@pytest.mark.parametrize("implementation", ["reference", "gather"])
+@pytest.mark.parametrize("implementation", ["reference", *FAST])
 def test_moba_matches_the_per_query_oracle(n, block, top_k, causal, force_own, heads, kv_heads, implementation):
+    skip_without(implementation)
     q, k, v = rand(2, heads, n, 8, seed=1), rand(2, kv_heads, n, 8, seed=2), rand(2, kv_heads, n, 8, seed=3)
     out = moba_attention(q, k, v, block, top_k, causal=causal, force_own_block=force_own, implementation=implementation)
     torch.testing.assert_close(out, oracle(q, k, v, block, top_k, causal, force_own))
@@ -68,26 +76,46 @@ def test_moba_matches_the_per_query_oracle(n, block, top_k, causal, force_own, h
 
 @pytest.mark.parametrize("n,block,top_k,causal,force_own,heads,kv_heads", CASES)
 @pytest.mark.parametrize("conv", [None, 3])
-def test_gather_gradients_equal_the_reference(n, block, top_k, causal, force_own, heads, kv_heads, conv):
+@pytest.mark.parametrize("implementation", FAST)
+def test_fast_gradients_equal_the_reference(n, block, top_k, causal, force_own, heads, kv_heads, conv, implementation):
+    skip_without(implementation)
     q, k, v = rand(2, heads, n, 8, seed=4), rand(2, kv_heads, n, 8, seed=5), rand(2, kv_heads, n, 8, seed=6)
     weight = rand(kv_heads, 8, conv, seed=7) if conv else None
     inputs = (q, k, v) + ((weight,) if conv else ())
     grads = {}
-    for implementation in ("reference", "gather"):
-        out = moba_attention(q, k, v, block, top_k, causal, force_own, key_conv=weight, implementation=implementation)
-        grads[implementation] = (out, *torch.autograd.grad((out * out.detach().cos()).sum(), inputs))
-    for fast, reference in zip(grads["gather"], grads["reference"], strict=True):
+    for name in ("reference", implementation):
+        out = moba_attention(q, k, v, block, top_k, causal, force_own, key_conv=weight, implementation=name)
+        grads[name] = (out, *torch.autograd.grad((out * out.detach().cos()).sum(), inputs))
+    for fast, reference in zip(grads[implementation], grads["reference"], strict=True):
         torch.testing.assert_close(fast, reference)
 
 
-def test_gather_passes_gradcheck():
+@pytest.mark.parametrize("implementation", FAST)
+def test_fast_paths_pass_gradcheck(implementation):
+    skip_without(implementation)
     q, k, v = rand(1, 2, 19, 4, seed=8), rand(1, 1, 19, 4, seed=9), rand(1, 1, 19, 4, seed=10)
-    assert torch.autograd.gradcheck(lambda q, k, v: moba_attention(q, k, v, 4, 2, implementation="gather"), (q, k, v))
+    for causal in (True, False):
+        assert torch.autograd.gradcheck(
+            lambda q, k, v, causal=causal: moba_attention(q, k, v, 4, 2, causal, implementation=implementation),
+            (q, k, v),
+        )
+
+
+def test_kernel_in_float32_matches_the_reference():
+    skip_without("kernel")
+    q, k, v = (rand(2, 4, 70, 16, seed=s, grad=False).float().requires_grad_() for s in (20, 21, 22))
+    grads = {}
+    for name in ("reference", "kernel"):
+        out = moba_attention(q, k, v, 16, 3, causal=False, implementation=name)
+        grads[name] = (out, *torch.autograd.grad((out * out.detach().cos()).sum(), (q, k, v)))
+    for fast, reference in zip(grads["kernel"], grads["reference"], strict=True):
+        torch.testing.assert_close(fast, reference, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("implementation", ["reference", "gather"])
+@pytest.mark.parametrize("implementation", ["reference", *FAST])
 def test_top_k_covering_every_block_is_dense_attention(causal, implementation):
+    skip_without(implementation)
     q, k, v = rand(2, 4, 45, 8, seed=11), rand(2, 4, 45, 8, seed=12), rand(2, 4, 45, 8, seed=13)
     out = moba_attention(q, k, v, 8, 6, causal=causal, implementation=implementation)  # 6 blocks
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=causal))
@@ -149,7 +177,7 @@ def test_bad_arguments_are_named():
     k = torch.randn(1, 2, 8, 4)
     with pytest.raises(ValueError, match="not a multiple of 2 key/value heads"):
         moba_attention(q, k, k, 4, 2)
-    with pytest.raises(ValueError, match="unknown implementation 'fast'; choose from: auto, gather, reference"):
+    with pytest.raises(ValueError, match="unknown implementation 'fast'; choose from: auto, gather, kernel, reference"):
         moba_attention(k, k, k, 4, 2, implementation="fast")
     with pytest.raises(ValueError, match="force_own_block=False needs causal=False"):
         moba_attention(k, k, k, 4, 2, causal=True, force_own_block=False)

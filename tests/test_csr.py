@@ -302,11 +302,11 @@ def test_trainer_csr_matches_masked_and_resumes_exactly(tmp_path, method):
     reason="numba kernels not available",
 )
 @pytest.mark.parametrize("batch", [1, 5, 128])
-def test_numba_kernels_match_torch_sparse(monkeypatch, batch):
+@pytest.mark.parametrize("rows, cols", [(37, 23), (7, 90)])  # (7, 90): the few-rows forward
+def test_numba_kernels_match_torch_sparse(monkeypatch, batch, rows, cols):
     from neuroplast.sparse import kernels
 
     g = torch.Generator().manual_seed(batch)
-    rows, cols = 37, 23
     density = torch.rand(rows, 1, generator=g)  # rows from empty to dense: every unroll tail occurs
     mask = torch.rand(rows, cols, generator=g) < density
     mask[3] = False
@@ -324,6 +324,8 @@ def test_numba_kernels_match_torch_sparse(monkeypatch, batch):
             kernels.spmm_t(layer.pattern, layer.values, xt, rows, bias=layer.bias),
             kernels.transposed(xt),
             *kernels.sddmm(layer.pattern, gt, xt, row_sums=True),
+            *kernels.backward_t(layer.pattern, layer.pattern_t, layer.values, gt, xt),
+            kernels.spmm_t(layer.pattern, layer.values, xt, rows, bias=layer.bias, pattern_t=layer.pattern_t),
             *(kernels.transposed(a) for a in odd_shapes),
         )
     for fast, reference in zip(results["numba"], results["torch"], strict=True):
@@ -400,3 +402,16 @@ def test_sampling_positions_without_enumerating_them(monkeypatch):
     # uniform: each tenth of the range holds about a tenth of the positions
     counts = torch.bincount(positions // 1_000, minlength=10)
     assert int(counts.min()) > 240 and int(counts.max()) < 360
+
+
+def test_retain_freed_memory_is_a_block_that_restores_the_allocator():
+    from neuroplast.sparse import retain_freed_memory
+
+    with retain_freed_memory() as active:
+        assert isinstance(active, bool)
+        for _ in range(3):  # big allocations, freed and made again, inside the block
+            big = torch.ones(40 * 2**20 // 4)
+            assert float(big[-1]) == 1.0
+            del big
+    after = torch.zeros(40 * 2**20 // 4)  # and after it
+    assert float(after.sum()) == 0.0

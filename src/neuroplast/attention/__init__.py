@@ -1,5 +1,7 @@
-"""Attention: Mixture of Block Attention (MoBA) and a dense baseline. Imports nothing else of neuroplast."""
+"""Attention: Mixture of Block Attention (MoBA) and a dense baseline. Imports nothing else of neuroplast
+but the numba runtime (`neuroplast.compiled`)."""
 
+from neuroplast.attention import kernels
 from neuroplast.attention.layers import ATTENTIONS, MoBAttention
 from neuroplast.attention.moba import (
     IMPLEMENTATIONS,
@@ -16,6 +18,7 @@ __all__ = [
     "IMPLEMENTATIONS",
     "MoBAttention",
     "inverse_order",
+    "kernels",
     "key_convolution",
     "moba_attention",
     "select_blocks",

@@ -26,9 +26,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-IMPLEMENTATIONS = ("auto", "gather", "reference")
+from neuroplast.attention import kernels
+
+IMPLEMENTATIONS = ("auto", "gather", "kernel", "reference")
 TILE_ROWS = 64  # queries per dense tile in the gather path
 SCORE_BUDGET = 1 << 25  # score elements per batch of heads (128 MiB in fp32) in the gather path
+KERNEL_MAX_HEAD_DIM = 32  # "auto" uses the numba kernels up to this head dim ...
+KERNEL_MAX_BLOCK = 32  # ... and this block size (measured in bench/attention.py)
 
 
 def key_convolution(k: torch.Tensor, weight: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -62,10 +66,16 @@ def select_blocks(
     valid marks real choices (early causal queries have fewer eligible blocks than k - 1)."""
     batch, heads, n, _ = k.shape
     blocks = math.ceil(n / block_size)
-    padded = F.pad(k.float(), (0, 0, 0, blocks * block_size - n))
+    padded = k.float() if n % block_size == 0 else F.pad(k.float(), (0, 0, 0, blocks * block_size - n))
     lengths = torch.full((blocks,), float(block_size), device=k.device)
     lengths[-1] = n - (blocks - 1) * block_size
     centroids = padded.view(batch, heads, blocks, block_size, -1).sum(3) / lengths[:, None]
+    count = min(top_k - 1 if (causal or force_own_block) else top_k, blocks)
+    if count <= 0:
+        empty = torch.empty(batch, heads, n, 0, dtype=torch.long, device=q.device)
+        return empty, empty.bool()
+    if q.device.type == "cpu" and kernels.available():  # the same choice, without the score matrix
+        return kernels.route(q.float(), centroids, block_size, count, causal, force_own_block)
     scores = q.float() @ centroids.transpose(-1, -2)  # (B, H, N, blocks)
     own = torch.arange(n, device=q.device) // block_size
     block = torch.arange(blocks, device=q.device)
@@ -75,10 +85,6 @@ def select_blocks(
         eligible = block[None, :] != own[:, None]
     else:
         eligible = torch.ones(n, blocks, dtype=torch.bool, device=q.device)
-    count = min(top_k - 1 if (causal or force_own_block) else top_k, blocks)
-    if count <= 0:
-        empty = torch.empty(batch, heads, n, 0, dtype=torch.long, device=q.device)
-        return empty, empty.bool()
     scores = scores.masked_fill(~eligible, float("-inf"))
     values, chosen = scores.topk(count, dim=-1)
     return chosen, values > float("-inf")
@@ -129,8 +135,17 @@ def moba_attention(
     k, v = expand_kv_heads(q, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     chosen, valid = select_blocks(q.detach(), k.detach(), block_size, top_k, causal, force_own_block)
+    if implementation == "auto":
+        implementation = "kernel" if _kernel_fits(q, block_size) else "gather"
     if implementation == "reference":
         return _reference(q, k, v, block_size, chosen, valid, causal, force_own_block, scale)
+    if implementation == "kernel":
+        if not (kernels.available() and q.device.type == "cpu"):
+            raise ValueError("implementation 'kernel' needs numba and CPU tensors; use 'gather' or 'auto'")
+        out = kernels.moba_kernel(
+            _working(q), _working(k), _working(v), block_size, chosen, valid, causal, force_own_block, scale
+        )
+        return out.to(q.dtype)
     # heads are independent: take them a few at a time so the score tiles stay within a budget
     batch, heads, n, _ = q.shape
     per_head = n * min(top_k, math.ceil(n / block_size)) * (block_size + TILE_ROWS)
@@ -152,6 +167,17 @@ def moba_attention(
         for h in range(0, heads, step)
     ]
     return torch.cat(parts, dim=1)
+
+
+def _kernel_fits(q: torch.Tensor, block_size: int) -> bool:
+    """Whether "auto" takes the numba kernels: on CPU, for narrow heads and small blocks, where
+    the gather path's bookkeeping costs more than its matmuls save (see docs/results/attention.md)."""
+    return (
+        q.device.type == "cpu"
+        and kernels.available()
+        and q.shape[-1] <= KERNEL_MAX_HEAD_DIM
+        and block_size <= KERNEL_MAX_BLOCK
+    )
 
 
 def selection_mask(

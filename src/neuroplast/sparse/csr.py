@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from neuroplast.sparse.kernels import CSRArrays, sddmm, spmm_t, transposed
+from neuroplast.sparse.kernels import CSRArrays, backward_t, sddmm, spmm_t, transposed
 from neuroplast.sparse.layer import Candidates, SparseLayer
 
 CHUNK_ELEMENTS = 1 << 22  # dense-gradient block size for growth: 4M floats (16 MiB)
@@ -61,7 +61,7 @@ class _SparseLinearFunction(torch.autograd.Function):
         ctx.version = layer.topology_version
         ctx.pattern, ctx.pattern_t = layer.pattern, layer.pattern_t
         ctx.has_bias = bias is not None
-        return spmm_t(ctx.pattern, values, xt, layer.out_features, bias=bias)
+        return spmm_t(ctx.pattern, values, xt, layer.out_features, bias=bias, pattern_t=ctx.pattern_t)
 
     @staticmethod
     @once_differentiable
@@ -75,16 +75,21 @@ class _SparseLinearFunction(torch.autograd.Function):
             )
         gt = transposed(grad_output_t.t())  # free when the gradient arrives feature-major
         grad_x = grad_values = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_xt = spmm_t(ctx.pattern_t, values, gt, layer.in_features)
-            grad_x = transposed(grad_xt) if ctx.x_batch_major else grad_xt.t()
         bias_grad = ctx.has_bias and ctx.needs_input_grad[2]
-        if ctx.needs_input_grad[1] and bias_grad:
-            grad_values, grad_bias = sddmm(ctx.pattern, gt, xt, row_sums=True)
-        elif ctx.needs_input_grad[1]:
-            grad_values = sddmm(ctx.pattern, gt, xt)
-        elif bias_grad:
-            grad_bias = gt.sum(1)
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:  # one pass for both (see backward_t)
+            grad_xt, grad_values = backward_t(ctx.pattern, ctx.pattern_t, values, gt, xt)
+            grad_bias = gt.sum(1) if bias_grad else None
+        else:
+            if ctx.needs_input_grad[0]:
+                grad_xt = spmm_t(ctx.pattern_t, values, gt, layer.in_features)
+            if ctx.needs_input_grad[1] and bias_grad:
+                grad_values, grad_bias = sddmm(ctx.pattern, gt, xt, row_sums=True)
+            elif ctx.needs_input_grad[1]:
+                grad_values = sddmm(ctx.pattern, gt, xt)
+            elif bias_grad:
+                grad_bias = gt.sum(1)
+        if ctx.needs_input_grad[0]:
+            grad_x = transposed(grad_xt) if ctx.x_batch_major else grad_xt.t()
         if layer.capture:  # RigL's growth signal; a layer used twice contributes both batches
             layer.captured.append((xt, gt))
         return grad_x, grad_values, grad_bias, None

@@ -14,26 +14,49 @@ portable fallback and the test oracle; `backend()` says which is used.
 
 from __future__ import annotations
 
-import os
-import threading
+import contextlib
+from collections.abc import Iterator
 
+import numpy as np
 import torch
 
-try:  # numba is a dependency, but the package must still work where it cannot be imported
-    import numba
-except ImportError:  # pragma: no cover
-    numba = None
+from neuroplast.compiled import backend, numba
+from neuroplast.compiled import launch as _launch
 
-
-def backend() -> str:
-    """'numba' if the compiled kernels are in use, else 'torch' (set NEUROPLAST_KERNELS=torch to force)."""
-    if numba is None or os.environ.get("NEUROPLAST_KERNELS", "numba") == "torch":
-        return "torch"
-    return "numba"
+PREFETCH_AHEAD = 8  # nonzeros: the activation row needed this many nonzeros later is requested now
 
 
 if numba is not None:
+    from llvmlite import ir as _ir
+    from numba.core import cgutils as _cgutils
+    from numba.extending import intrinsic as _intrinsic
+
     _f32 = numba.float32
+
+    @_intrinsic
+    def _prefetch(typingctx, flat, index):  # pragma: no cover  (compiled)
+        """Ask the CPU to start loading flat[index] into cache (a hint: never faults). The
+        products read one activation row per nonzero at a random place in a matrix far larger
+        than the caches; requesting the row a few nonzeros ahead overlaps those misses."""
+        sig = numba.types.void(flat, index)
+
+        def codegen(context, builder, signature, args):
+            array = context.make_array(signature.args[0])(context, builder, args[0])
+            offset = context.cast(builder, args[1], signature.args[1], numba.types.intp)
+            pointer = builder.gep(array.data, [offset])
+            if not getattr(pointer.type, "is_opaque", False):  # LLVM with typed pointers
+                pointer = builder.bitcast(pointer, _ir.IntType(8).as_pointer())
+                name = "llvm.prefetch.p0i8"
+            else:
+                name = "llvm.prefetch.p0"
+            i32 = _ir.IntType(32)
+            fn = _cgutils.get_or_insert_function(
+                builder.module, _ir.FunctionType(_ir.VoidType(), [pointer.type, i32, i32, i32]), name
+            )
+            builder.call(fn, [pointer, i32(0), i32(3), i32(1)])  # read, keep in all levels, data
+            return context.get_dummy_value()
+
+        return sig, codegen
 
     @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def _spmm(crow, col, vals, perm, use_perm, bias, use_bias, xt, out):  # pragma: no cover  (compiled)
@@ -41,12 +64,17 @@ if numba is not None:
         W's values). Four nonzeros per pass over the batch vector, accumulated in place in the
         output row (a per-row scratch array costs an allocation per row)."""
         batch = xt.shape[1]
+        flat = xt.reshape(-1)
+        last = col.shape[0] - PREFETCH_AHEAD - 4
         for r in numba.prange(crow.shape[0] - 1):
             start = bias[r] if use_bias else _f32(0.0)
             for b in range(batch):
                 out[r, b] = start
             k, end = crow[r], crow[r + 1]
             while k + 3 < end:
+                if k < last:
+                    for q in range(4):
+                        _prefetch(flat, col[k + PREFETCH_AHEAD + q] * batch)
                 if use_perm:
                     v0, v1, v2, v3 = vals[perm[k]], vals[perm[k + 1]], vals[perm[k + 2]], vals[perm[k + 3]]
                 else:
@@ -88,6 +116,8 @@ if numba is not None:
         float32 accumulators (a float64 one halves the SIMD width). With use_row_sums, also
         row_sums[r] = sum(gt[r]) (the bias gradient), while gt[r] is in cache."""
         batch = xt.shape[1]
+        flat = xt.reshape(-1)
+        last = col.shape[0] - PREFETCH_AHEAD - 4
         for r in numba.prange(crow.shape[0] - 1):
             if use_row_sums:
                 total = _f32(0.0)
@@ -96,6 +126,9 @@ if numba is not None:
                 row_sums[r] = total
             k, end = crow[r], crow[r + 1]
             while k + 3 < end:
+                if k < last:
+                    for q in range(4):
+                        _prefetch(flat, col[k + PREFETCH_AHEAD + q] * batch)
                 c0, c1, c2, c3 = col[k], col[k + 1], col[k + 2], col[k + 3]
                 a0, a1, a2, a3 = _f32(0.0), _f32(0.0), _f32(0.0), _f32(0.0)
                 for b in range(batch):
@@ -115,21 +148,114 @@ if numba is not None:
                 k += 1
 
 
-_synced = threading.local()  # numba's thread count is per calling thread
+if numba is not None:
+
+    @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    def _backward_t(crow_t, col_t, perm, vals, gt, xt, dxt, dvals):  # pragma: no cover  (compiled)
+        """Both backward products in one pass over W^T's rows (one per input feature j):
+        dxt[j] = sum_p vals[perm[p]] gt[col_t[p]] and dvals[perm[p]] = gt[col_t[p]] . xt[j].
+        Each live weight reads its gradient row once for both, where separate kernels read a
+        random gradient row (dx) and a random activation row (dW): one random row per weight
+        instead of two. xt[j] and dxt[j] stay in cache for the whole row."""
+        batch = xt.shape[1]
+        flat = gt.reshape(-1)
+        last = col_t.shape[0] - PREFETCH_AHEAD - 4
+        for j in numba.prange(crow_t.shape[0] - 1):
+            for b in range(batch):
+                dxt[j, b] = _f32(0.0)
+            p, end = crow_t[j], crow_t[j + 1]
+            while p + 3 < end:
+                if p < last:
+                    for q in range(4):
+                        ahead = p + PREFETCH_AHEAD + q
+                        _prefetch(flat, col_t[ahead] * batch)
+                        _prefetch(vals, perm[ahead])  # W^T order is random in W's value order
+                        _prefetch(dvals, perm[ahead])
+                i0, i1, i2, i3 = col_t[p], col_t[p + 1], col_t[p + 2], col_t[p + 3]
+                k0, k1, k2, k3 = perm[p], perm[p + 1], perm[p + 2], perm[p + 3]
+                w0, w1, w2, w3 = vals[k0], vals[k1], vals[k2], vals[k3]
+                a0, a1, a2, a3 = _f32(0.0), _f32(0.0), _f32(0.0), _f32(0.0)
+                for b in range(batch):
+                    x = xt[j, b]
+                    g0, g1, g2, g3 = gt[i0, b], gt[i1, b], gt[i2, b], gt[i3, b]
+                    dxt[j, b] += (w0 * g0 + w1 * g1) + (w2 * g2 + w3 * g3)
+                    a0 += g0 * x
+                    a1 += g1 * x
+                    a2 += g2 * x
+                    a3 += g3 * x
+                dvals[k0], dvals[k1], dvals[k2], dvals[k3] = a0, a1, a2, a3
+                p += 4
+            while p < end:
+                i0, k0 = col_t[p], perm[p]
+                w0 = vals[k0]
+                a0 = _f32(0.0)
+                for b in range(batch):
+                    g0 = gt[i0, b]
+                    dxt[j, b] += w0 * g0
+                    a0 += g0 * xt[j, b]
+                dvals[k0] = a0
+                p += 1
 
 
-def _launch(kernel, *args) -> None:
-    """Run a compiled kernel on torch's thread count. numba's OpenMP layer shares the OpenMP
-    runtime with torch and can leave torch's count changed: put it back."""
-    threads = torch.get_num_threads()
-    if getattr(_synced, "threads", None) != threads:  # numba.get_num_threads() costs as much as a small kernel
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-        _synced.threads = threads
+if numba is not None:
+
+    @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    def _spmm_by_columns(crow_t, col_t, perm, vals, xt, partial):  # pragma: no cover  (compiled)
+        """partial[c] = the part of W xt from the c-th range of W's columns, walking W^T's rows.
+        For a layer with few outputs (a classifier head): parallel over rows would give each
+        thread a handful of rows and stream all of xt once per row; this reads xt once, and
+        each thread's accumulator (rows x batch) stays in cache."""
+        chunks, batch = partial.shape[0], xt.shape[1]
+        n_in = crow_t.shape[0] - 1
+        for c in numba.prange(chunks):
+            for r in range(partial.shape[1]):
+                for b in range(batch):
+                    partial[c, r, b] = _f32(0.0)
+            for j in range(c * n_in // chunks, (c + 1) * n_in // chunks):
+                for p in range(crow_t[j], crow_t[j + 1]):
+                    w, r = vals[perm[p]], col_t[p]
+                    for b in range(batch):
+                        partial[c, r, b] += w * xt[j, b]
+
+
+FEW_ROWS = 64  # layers with at most this many outputs use _spmm_by_columns in the forward pass
+
+
+@contextlib.contextmanager
+def retain_freed_memory() -> Iterator[bool]:
+    """Inside the block, the C allocator keeps freed memory for reuse instead of returning it to
+    the system (glibc only; process-wide). Yields whether it took effect; on exit the defaults
+    come back and the retained memory is released.
+
+    glibc serves every allocation over 32 MiB with a fresh mapping and unmaps it when freed, so
+    a model whose activations are hundreds of MB page-faults its way through every step: in a
+    1M-neuron SET-MLP, 0.6 s of a 2.7 s step went to ReLU and its backward, 10 ms each inside
+    this block. Wrap the training loop of very wide truly sparse models in it
+    (`bench/scale_set_mlp.py` does); the process holds its peak heap until the block ends."""
+    import ctypes
+    import ctypes.util
+
     try:
-        kernel(*args)
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):
+        yield False
+        return
+    m_trim_threshold, m_mmap_max = -1, -4
+    active = bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+    try:
+        yield active
     finally:
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
+        mallopt(m_mmap_max, 65536)  # glibc's defaults
+        mallopt(m_trim_threshold, 128 * 1024)
+        malloc_trim(0)
+
+
+def _empty(*shape: int) -> torch.Tensor:
+    """An uninitialised float32 CPU tensor for a kernel's output. numpy's allocator backs large
+    arrays with transparent huge pages where the kernel allows it (torch's does not by default),
+    so a fresh 100 MB output costs a few dozen page faults instead of tens of thousands."""
+    return torch.from_numpy(np.empty(shape, dtype=np.float32))
 
 
 def transposed(a: torch.Tensor) -> torch.Tensor:
@@ -137,7 +263,7 @@ def transposed(a: torch.Tensor) -> torch.Tensor:
     if a.t().is_contiguous():
         return a.t()
     if backend() == "numba" and a.is_contiguous() and a.device.type == "cpu" and a.dtype == torch.float32:
-        out = torch.empty(a.shape[1], a.shape[0], dtype=a.dtype)
+        out = _empty(a.shape[1], a.shape[0])
         _launch(_transpose, a.detach().numpy(), out.numpy())
         return out
     return a.t().contiguous()
@@ -149,12 +275,21 @@ def spmm_t(
     xt: torch.Tensor,
     rows: int,
     bias: torch.Tensor | None = None,
+    pattern_t: CSRArrays | None = None,
 ) -> torch.Tensor:
     """bias[:, None] + W @ xt, (rows, batch), for W = CSR(pattern, vals[pattern.perm] if the
-    pattern has a permutation else vals); xt is (columns of W, batch)."""
+    pattern has a permutation else vals); xt is (columns of W, batch). Given W^T's pattern too,
+    a layer with few rows is computed column by column (see _spmm_by_columns)."""
     xt = xt.contiguous()
     if backend() == "numba" and xt.device.type == "cpu" and xt.dtype == torch.float32:
-        out = torch.empty(rows, xt.shape[1], dtype=xt.dtype)
+        if pattern_t is not None and pattern.perm is None and rows <= FEW_ROWS and xt.shape[0] > rows:
+            chunks = 4 * torch.get_num_threads()
+            partial = _empty(chunks, rows, xt.shape[1])
+            crow_t, col_t, perm = pattern_t.numpy()
+            _launch(_spmm_by_columns, crow_t, col_t, perm, vals.detach().numpy(), xt.numpy(), partial.numpy())
+            out = partial.sum(0)
+            return out + bias.detach()[:, None] if bias is not None else out
+        out = _empty(rows, xt.shape[1])
         crow, col, perm = pattern.numpy()
         bias_np = (bias if bias is not None else vals).detach().numpy()
         _launch(
@@ -182,8 +317,8 @@ def sddmm(
     With row_sums, also gt.sum(1) (a Linear's bias gradient), as a second result."""
     gt, xt = gt.contiguous(), xt.contiguous()
     if backend() == "numba" and xt.device.type == "cpu" and xt.dtype == torch.float32:
-        out = torch.empty(pattern.col.numel(), dtype=xt.dtype)
-        sums = torch.empty(gt.shape[0] if row_sums else 0, dtype=xt.dtype)
+        out = _empty(pattern.col.numel())
+        sums = _empty(gt.shape[0] if row_sums else 0)
         crow, col, _ = pattern.numpy()
         _launch(_sddmm, crow, col, gt.numpy(), xt.numpy(), out.numpy(), sums.numpy(), row_sums)
         return (out, sums) if row_sums else out
@@ -191,6 +326,23 @@ def sddmm(
     weights = _csr(pattern.crow, pattern.col, zeros, (gt.shape[0], xt.shape[0]))
     out = torch.sparse.sampled_addmm(weights, gt, xt.t().contiguous(), beta=0.0).values()
     return (out, gt.sum(1)) if row_sums else out
+
+
+def backward_t(
+    pattern: CSRArrays, pattern_t: CSRArrays, vals: torch.Tensor, gt: torch.Tensor, xt: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both backward products of y^T = W xt: (W^T gt, (gt xt^T) at W's positions, in W's
+    order). One pass over W^T's pattern with the numba kernels; spmm_t + sddmm otherwise."""
+    gt, xt = gt.contiguous(), xt.contiguous()
+    if backend() == "numba" and xt.device.type == "cpu" and xt.dtype == torch.float32:
+        dxt = _empty(xt.shape[0], xt.shape[1])
+        dvals = _empty(pattern.col.numel())
+        crow_t, col_t, perm = pattern_t.numpy()
+        _launch(
+            _backward_t, crow_t, col_t, perm, vals.detach().numpy(), gt.numpy(), xt.numpy(), dxt.numpy(), dvals.numpy()
+        )
+        return dxt, dvals
+    return spmm_t(pattern_t, vals, gt, xt.shape[0]), sddmm(pattern, gt, xt)
 
 
 class CSRArrays:
@@ -218,4 +370,4 @@ def _csr(crow, col, vals, shape) -> torch.Tensor:
     return torch.sparse_csr_tensor(crow, col, vals, shape, check_invariants=check)
 
 
-__all__ = ["CSRArrays", "backend", "sddmm", "spmm_t", "transposed"]
+__all__ = ["CSRArrays", "backend", "backward_t", "retain_freed_memory", "sddmm", "spmm_t", "transposed"]

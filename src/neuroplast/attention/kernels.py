@@ -1,0 +1,214 @@
+"""CPU kernels for MoBA (numba): one query at a time, over exactly the keys it selected.
+
+The `gather` path of `moba_attention` groups queries into dense tiles so that every product is
+a batched matmul; its bookkeeping (sorting the query/block pairs, gathering tiles, merging the
+parts by log-sum-exp, and the autograd of all of it) costs more than the arithmetic when heads
+are narrow and blocks small, as in a ViT over pixel sequences (head dim 16, blocks of 16).
+These kernels skip the bookkeeping: each (batch x head) is one independent task that walks its
+queries and, for each, the keys of its selected blocks (token-causal inside the own block when
+causal), with a softmax over exactly those keys. The backward pass recomputes the scores from
+the saved log-sum-exp (as FlashAttention does) and accumulates dk, dv inside the task, so
+threads never write to the same rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from neuroplast.compiled import backend, launch, numba
+
+
+def available() -> bool:
+    return backend() == "numba"
+
+
+# fast-math without the no-infinities/no-NaNs assumptions: the running maximum starts at -inf
+FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+
+if numba is not None:
+
+    @numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
+    def _forward(q, k, v, sel, count, block_size, causal, scales, out, lse):  # pragma: no cover  (compiled)
+        tasks, n, dim = q.shape
+        scale = scales[0]  # in the inputs' dtype: a Python float would make every score float64
+        width = sel.shape[2] * block_size
+        for task in numba.prange(tasks):
+            scores = np.empty(width, q.dtype)
+            acc = np.empty(dim, q.dtype)
+            for t in range(n):
+                own = t // block_size
+                used = 0
+                for s in range(count[task, t]):  # pass 1: the scores of the selected keys
+                    start = sel[task, t, s] * block_size
+                    end = min(start + block_size, n)
+                    if causal and sel[task, t, s] == own:
+                        end = t + 1
+                    for j in range(start, end):
+                        dot = q[task, t, 0] * k[task, j, 0]
+                        for d in range(1, dim):
+                            dot += q[task, t, d] * k[task, j, d]
+                        scores[used] = dot * scale
+                        used += 1
+                m = scores[0]  # in the inputs' precision, like everything here
+                for u in range(1, used):
+                    m = max(m, scores[u])
+                total = scores[0] * 0
+                for u in range(used):
+                    scores[u] = np.exp(scores[u] - m)
+                    total += scores[u]
+                for d in range(dim):
+                    acc[d] = 0.0
+                used = 0
+                for s in range(count[task, t]):  # pass 2: softmax weights times values
+                    start = sel[task, t, s] * block_size
+                    end = min(start + block_size, n)
+                    if causal and sel[task, t, s] == own:
+                        end = t + 1
+                    for j in range(start, end):
+                        p = scores[used]
+                        used += 1
+                        for d in range(dim):
+                            acc[d] += p * v[task, j, d]
+                for d in range(dim):
+                    out[task, t, d] = acc[d] / total
+                lse[task, t] = m + np.log(total)
+
+    @numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
+    def _backward(q, k, v, sel, count, block_size, causal, scales, out, lse, dout, dq, dk, dv):  # pragma: no cover
+        tasks, n, dim = q.shape
+        scale = scales[0]
+        for task in numba.prange(tasks):
+            for j in range(n):
+                for d in range(dim):
+                    dk[task, j, d] = 0.0
+                    dv[task, j, d] = 0.0
+            for t in range(n):
+                own = t // block_size
+                delta = dout[task, t, 0] * out[task, t, 0]
+                for d in range(1, dim):
+                    delta += dout[task, t, d] * out[task, t, d]
+                for d in range(dim):
+                    dq[task, t, d] = 0.0
+                for s in range(count[task, t]):
+                    start = sel[task, t, s] * block_size
+                    end = min(start + block_size, n)
+                    if causal and sel[task, t, s] == own:
+                        end = t + 1
+                    for j in range(start, end):
+                        dot = q[task, t, 0] * k[task, j, 0]
+                        dp = dout[task, t, 0] * v[task, j, 0]
+                        for d in range(1, dim):
+                            dot += q[task, t, d] * k[task, j, d]
+                            dp += dout[task, t, d] * v[task, j, d]
+                        p = np.exp(dot * scale - lse[task, t])
+                        ds = p * (dp - delta) * scale
+                        for d in range(dim):
+                            dv[task, j, d] += p * dout[task, t, d]
+                            dq[task, t, d] += ds * k[task, j, d]
+                            dk[task, j, d] += ds * q[task, t, d]
+
+
+if numba is not None:
+
+    @numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
+    def _route(q, centroids_t, block_size, causal, force_own_block, chosen, best):  # pragma: no cover  (compiled)
+        """For each query t, the c = chosen.shape[2] eligible blocks with the highest q . centroid,
+        best first (ties: the lower block); chosen = -1 where fewer than c blocks are eligible.
+        centroids_t is (tasks, D, blocks): a query's scores are computed along the blocks."""
+        tasks, n, dim = q.shape
+        blocks, c = centroids_t.shape[2], chosen.shape[2]
+        for task in numba.prange(tasks):
+            scores = np.empty(blocks, q.dtype)
+            for t in range(n):
+                own = t // block_size
+                limit = own if causal else blocks  # causal: blocks entirely in the past
+                for b in range(limit):
+                    scores[b] = 0.0
+                for d in range(dim):
+                    qd = q[task, t, d]
+                    for b in range(limit):
+                        scores[b] += qd * centroids_t[task, d, b]
+                for i in range(c):
+                    chosen[task, t, i] = -1
+                    best[task, t, i] = -np.inf
+                for b in range(limit):
+                    if force_own_block and b == own:
+                        continue
+                    score = scores[b]
+                    if chosen[task, t, c - 1] >= 0 and score <= best[task, t, c - 1]:
+                        continue
+                    i = c - 1  # insert, keeping the list sorted best first
+                    while i > 0 and (chosen[task, t, i - 1] < 0 or score > best[task, t, i - 1]):
+                        chosen[task, t, i] = chosen[task, t, i - 1]
+                        best[task, t, i] = best[task, t, i - 1]
+                        i -= 1
+                    chosen[task, t, i] = b
+                    best[task, t, i] = score
+
+
+def route(q: torch.Tensor, centroids: torch.Tensor, block_size: int, count: int, causal: bool, force_own_block: bool):
+    """The top-`count` routing of `select_blocks` in one pass per query (no (N x blocks) score
+    matrix, no sort): q (B, H, N, D) and centroids (B, H, blocks, D), float32, on CPU."""
+    batch, heads, n, dim = q.shape
+    blocks = centroids.shape[2]
+    qf = q.reshape(batch * heads, n, dim).contiguous()
+    cf = centroids.reshape(batch * heads, blocks, dim).transpose(1, 2).contiguous()
+    chosen = torch.empty(batch * heads, n, count, dtype=torch.long)
+    best = torch.empty(batch * heads, n, count, dtype=torch.float32)
+    launch(_route, qf.numpy(), cf.numpy(), block_size, causal, force_own_block, chosen.numpy(), best.numpy())
+    valid = chosen >= 0
+    chosen = chosen.clamp_min(0)
+    return chosen.view(batch, heads, n, count), valid.view(batch, heads, n, count)
+
+
+def selections(chosen: torch.Tensor, valid: torch.Tensor, block_size: int, force_own_block: bool):
+    """(sel, count) for the kernels: sel (tasks, N, S) int32 holds each query's blocks in
+    increasing order (its own block among them when forced), count (tasks, N) how many are real."""
+    batch, heads, n, c = chosen.shape
+    blocks = -(-n // block_size)
+    picks = torch.where(valid, chosen, blocks)
+    if force_own_block:
+        own = (torch.arange(n, device=chosen.device) // block_size).expand(batch, heads, n)
+        picks = torch.cat([picks, own[..., None]], dim=-1)
+    picks = picks.sort(dim=-1).values
+    count = (picks < blocks).sum(-1)
+    return picks.reshape(batch * heads, n, -1).to(torch.int32).contiguous(), count.reshape(batch * heads, n).to(
+        torch.int32
+    )
+
+
+class MoBAFunction(torch.autograd.Function):
+    """Attention of q over the selected keys, in the numba kernels; q, k, v (tasks, N, D)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, sel, count, block_size: int, causal: bool, scale: float):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[:2], dtype=q.dtype)
+        scales = np.array([scale], dtype=q.numpy().dtype)
+        args = (sel.numpy(), count.numpy(), block_size, causal, scales, out.numpy(), lse.numpy())
+        launch(_forward, q.numpy(), k.numpy(), v.numpy(), *args)
+        ctx.save_for_backward(q, k, v, sel, count, out, lse)
+        ctx.args = (block_size, causal, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, sel, count, out, lse = ctx.saved_tensors
+        block_size, causal, scale = ctx.args
+        dout = dout.contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        scales = np.array([scale], dtype=q.numpy().dtype)
+        args = (sel.numpy(), count.numpy(), block_size, causal, scales, out.numpy(), lse.numpy(), dout.numpy())
+        launch(_backward, q.numpy(), k.numpy(), v.numpy(), *args, dq.numpy(), dk.numpy(), dv.numpy())
+        return dq, dk, dv, None, None, None, None, None
+
+
+def moba_kernel(q, k, v, block_size, chosen, valid, causal, force_own_block, scale) -> torch.Tensor:
+    """MoBA attention through the numba kernels; q, k, v (B, H, N, D) with KV heads expanded."""
+    batch, heads, n, dim = q.shape
+    sel, count = selections(chosen, valid, block_size, force_own_block)
+    flat = lambda x: x.reshape(batch * heads, n, dim)  # noqa: E731
+    out = MoBAFunction.apply(flat(q), flat(k), flat(v), sel, count, block_size, causal, float(scale))
+    return out.view(batch, heads, n, dim)
