@@ -1,12 +1,16 @@
 """MoBA vs dense attention: forward and forward+backward time, fp32, in one process.
 
-    python bench/attention.py [--lengths 1024,4096,16384] [--reps 5] [--threads 2] [--out results.md]
+    python bench/attention.py [--lengths 1024,4096,16384] [--vit] [--reps 5] [--threads 2] [--out results.md]
 
-8 heads, head dim 64, block 128, top-3 blocks, batch 1; causal and non-causal. Dense is
-`torch.nn.functional.scaled_dot_product_attention`; MoBA is neuroplast's gather implementation
-(routing included). Implementations take turns round after round; times are medians and each
-ratio is the median of per-round ratios. On CUDA (`--device cuda`) it runs in bf16 and adds
-longer sequences with `--lengths`.
+Long sequences: 8 heads, head dim 64, block 128, top-3 blocks, batch 1; causal and non-causal.
+`--vit` adds the shapes of the ViT's attention over Fashion-MNIST patches (batch 128, 4 heads,
+head dim 16, non-causal, own block forced, top-3; 196 tokens in blocks of 14 and 784 in blocks
+of 16). Dense is `torch.nn.functional.scaled_dot_product_attention`; MoBA runs in both of
+neuroplast's implementations, `gather` (tiles of queries, batched matmuls) and `kernel` (numba,
+query by query over the selected keys), routing included. Implementations take turns round
+after round; times are medians and each ratio (dense / the faster MoBA) is the median of
+per-round ratios. On CUDA (`--device cuda`) only `gather` runs, in bf16; `--lengths` can add
+longer sequences.
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ import torch.nn.functional as F
 from neuroplast.attention import moba_attention
 
 HEADS, HEAD_DIM, BLOCK, TOP_K = 8, 64, 128, 3
+VIT_SHAPES = [(196, 14), (784, 16)]  # tokens, block (a square tile of the patch grid)
 
 
-def run(kind: str, q, k, v, causal: bool, backward: bool) -> None:
+def run(kind: str, q, k, v, causal: bool, backward: bool, block: int) -> None:
     if kind == "dense":
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     else:
-        out = moba_attention(q, k, v, BLOCK, TOP_K, causal=causal, implementation="gather")
+        out = moba_attention(q, k, v, block, TOP_K, causal=causal, force_own_block=True, implementation=kind)
     if backward:
         out.backward(torch.ones_like(out))
         for t in (q, k, v):
@@ -39,17 +44,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_pair(q, k, v, causal: bool, backward: bool, reps: int, device) -> dict[str, list[float]]:
-    samples = {"dense": [], "moba": []}
+def time_all(kinds, q, k, v, causal: bool, backward: bool, reps: int, device, block: int) -> dict[str, list[float]]:
+    samples = {kind: [] for kind in kinds}
     context = torch.enable_grad() if backward else torch.no_grad()
     with context:
         for kind in samples:
-            run(kind, q, k, v, causal, backward)  # warm-up
+            run(kind, q, k, v, causal, backward, block)  # warm-up
         for _ in range(reps):
             for kind in samples:
                 sync(device)
                 start = time.perf_counter()
-                run(kind, q, k, v, causal, backward)
+                run(kind, q, k, v, causal, backward, block)
                 sync(device)
                 samples[kind].append((time.perf_counter() - start) * 1e3)
     return samples
@@ -58,6 +63,7 @@ def time_pair(q, k, v, causal: bool, backward: bool, reps: int, device) -> dict[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="1024,4096,16384")
+    parser.add_argument("--vit", action="store_true", help="also time the ViT's attention shapes")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
@@ -66,29 +72,36 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    kinds = ["dense", "gather"] + (["kernel"] if device.type == "cpu" else [])
     lines = [
-        f"batch 1, {HEADS} heads, head dim {HEAD_DIM}, block {BLOCK}, top-{TOP_K}, {dtype}, {device}, "
-        f"{torch.get_num_threads()} threads, median of {args.reps}; torch {torch.__version__}",
+        f"{dtype}, {device}, {torch.get_num_threads()} threads, median of {args.reps}; torch {torch.__version__}; "
+        f"top-{TOP_K}, own block forced",
         "",
-        "| sequence | mask | pass | dense ms | MoBA ms | MoBA vs dense |",
-        "|---|---|---|---|---|---|",
+        "| batch x heads x head dim | sequence | block | mask | pass | "
+        + " | ".join(f"{kind} ms" for kind in kinds)
+        + " | MoBA vs dense |",
+        "|---" * (6 + len(kinds)) + "|",
     ]
     print("\n".join(lines), flush=True)
-    for n in [int(x) for x in args.lengths.split(",")]:
+    cases = [(1, HEADS, HEAD_DIM, int(n), BLOCK, causal) for n in args.lengths.split(",") for causal in (True, False)]
+    if args.vit:
+        cases += [(128, 4, 16, n, block, False) for n, block in VIT_SHAPES]
+    for batch, heads, dim, n, block, causal in cases:
         g = torch.Generator(device="cpu").manual_seed(0)
-        q, k, v = (torch.randn(1, HEADS, n, HEAD_DIM, generator=g).to(device, dtype) for _ in range(3))
-        for causal in (True, False):
-            for backward in (False, True):
-                for t in (q, k, v):
-                    t.requires_grad_(backward)
-                samples = time_pair(q, k, v, causal, backward, args.reps, device)
-                ratio = statistics.median(d / m for d, m in zip(samples["dense"], samples["moba"]))
-                row = (
-                    f"| {n} | {'causal' if causal else 'non-causal'} | {'fwd+bwd' if backward else 'fwd'} | "
-                    f"{statistics.median(samples['dense']):.1f} | {statistics.median(samples['moba']):.1f} | {ratio:.2f}x |"
-                )
-                lines.append(row)
-                print(row, flush=True)
+        q, k, v = (torch.randn(batch, heads, n, dim, generator=g).to(device, dtype) for _ in range(3))
+        for backward in (False, True):
+            for t in (q, k, v):
+                t.requires_grad_(backward)
+            samples = time_all(kinds, q, k, v, causal, backward, args.reps, device, block)
+            fastest = [min(values) for values in zip(*(samples[kind] for kind in kinds[1:]))]
+            ratio = statistics.median(d / m for d, m in zip(samples["dense"], fastest))
+            times = " | ".join(f"{statistics.median(samples[kind]):.1f}" for kind in kinds)
+            row = (
+                f"| {batch} x {heads} x {dim} | {n} | {block} | {'causal' if causal else 'non-causal'} | "
+                f"{'fwd+bwd' if backward else 'fwd'} | {times} | {ratio:.2f}x |"
+            )
+            lines.append(row)
+            print(row, flush=True)
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")

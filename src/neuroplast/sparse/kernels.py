@@ -218,7 +218,9 @@ if numba is not None:
                         partial[c, r, b] += w * xt[j, b]
 
 
-FEW_ROWS = 64  # layers with at most this many outputs use _spmm_by_columns in the forward pass
+FEW_ROWS = 64  # layers with at most this many outputs use _spmm_by_columns in the forward pass ...
+FEW_ROWS_INPUT = 1 << 20  # ... when the input (features x batch) is this large (4 MiB): a smaller one
+# stays in cache while each row streams it, and the row-parallel kernel has less overhead
 
 
 @contextlib.contextmanager
@@ -282,7 +284,7 @@ def spmm_t(
     a layer with few rows is computed column by column (see _spmm_by_columns)."""
     xt = xt.contiguous()
     if backend() == "numba" and xt.device.type == "cpu" and xt.dtype == torch.float32:
-        if pattern_t is not None and pattern.perm is None and rows <= FEW_ROWS and xt.shape[0] > rows:
+        if pattern_t is not None and pattern.perm is None and rows <= FEW_ROWS and xt.numel() >= FEW_ROWS_INPUT:
             chunks = 4 * torch.get_num_threads()
             partial = _empty(chunks, rows, xt.shape[1])
             crow_t, col_t, perm = pattern_t.numpy()
