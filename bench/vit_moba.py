@@ -1,12 +1,13 @@
 """Dense vs MoBA attention in a ViT on Fashion-MNIST: accuracy and training seconds per epoch.
 
-    python bench/vit_moba.py [--epochs 5] [--train 60000] [--patches 2,1] [--threads 2] [--out results.md]
+    python bench/vit_moba.py [--epochs 5] [--train 60000] [--patches 2,1] [--hybrid 1] [--threads 2] [--out results.md]
 
 For each patch size (2: 14x14 = 196 tokens, 1: 28x28 = 784 tokens) the same ViT (dim 64, depth
 4, 4 heads, mean pooling, AdamW 1e-3, cosine, batch 128, seed 0) is trained with dense attention
 and with MoBA (non-causal, own block forced, blocks = square tiles of the patch grid: 14 tokens
 (2x7) at patch 2, 16 tokens (4x4) at patch 1; top-3), one after the other in this process.
 `--train N` trains on the first N training images (all 10,000 test images are always scored).
+`--hybrid L` adds a third model: MoBA with its last L layers on dense attention.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=60_000, help="training images used")
     parser.add_argument("--patches", default="2,1")
     parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--hybrid", type=int, default=0, help="also MoBA with the last L layers dense (0: no)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -51,12 +53,14 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     for patch in [int(p) for p in args.patches.split(",")]:
         results = {}
-        for attention in ("dense", "moba"):
+        models = [("dense", 0), ("moba", 0)] + ([("moba", args.hybrid)] if args.hybrid else [])
+        for attention, full_layers in models:
             config = RunConfig(
                 dataset="fashion-mnist",
                 model="vit",
                 method="dense",
                 attention=attention,
+                full_layers=full_layers,
                 patch_size=patch,
                 block_size=BLOCKS[patch],
                 top_k=args.top_k,
@@ -71,12 +75,13 @@ def main() -> None:
             seconds: list[float] = []
             summary = train(config, progress=True, log=None, dataset=data, on_epoch_end=record_into(seconds))
             per_epoch = statistics.median(seconds[1:] or seconds)
-            results[attention] = (summary["final_test_accuracy"], per_epoch)
+            name = attention if not full_layers else f"moba, last {full_layers} dense"
+            results[name] = (summary["final_test_accuracy"], per_epoch)
         tokens = (28 // patch) ** 2
-        for attention, (accuracy, per_epoch) in results.items():
-            shape = f"{BLOCKS[patch]} x {args.top_k}" if attention == "moba" else "—"
-            speed = f"{results['dense'][1] / per_epoch:.2f}x" if attention == "moba" else ""
-            row = f"| {tokens} | {attention} | {shape} | {100 * accuracy:.2f} | {per_epoch:.1f} | {speed} |"
+        for name, (accuracy, per_epoch) in results.items():
+            shape = f"{BLOCKS[patch]} x {args.top_k}" if name != "dense" else "—"
+            speed = f"{results['dense'][1] / per_epoch:.2f}x" if name != "dense" else ""
+            row = f"| {tokens} | {name} | {shape} | {100 * accuracy:.2f} | {per_epoch:.1f} | {speed} |"
             lines.append(row)
             print(row, flush=True)
     if args.out:

@@ -196,3 +196,20 @@ def test_gather_in_batches_of_heads_equals_all_heads_at_once(monkeypatch):
     torch.testing.assert_close(split, whole)
     for a, b in zip(torch.autograd.grad(split.sum(), (q, k, v)), grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    "causal,force_own,top_k", [(True, True, 3), (False, True, 3), (False, False, 2), (True, True, 9)]
+)
+def test_routing_kernel_chooses_what_the_torch_routing_chooses(monkeypatch, causal, force_own, top_k):
+    skip_without("kernel")
+    from neuroplast.attention import select_blocks
+
+    q, k = rand(2, 3, 53, 8, seed=30, grad=False), rand(2, 3, 53, 8, seed=31, grad=False)
+    picks = {}
+    for which in ("numba", "torch"):
+        monkeypatch.setenv("NEUROPLAST_KERNELS", which)
+        chosen, valid = select_blocks(q, k, 6, top_k, causal, force_own)
+        picks[which] = (torch.where(valid, chosen, -1), valid)
+    assert torch.equal(picks["numba"][1], picks["torch"][1])
+    assert torch.equal(picks["numba"][0], picks["torch"][0])
