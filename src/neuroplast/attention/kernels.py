@@ -28,6 +28,16 @@ FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 if numba is not None:
 
+    @numba.njit(cache=True, nogil=True, inline="always")
+    def _keys(block, own, t, block_size, n, causal):  # pragma: no cover  (compiled)
+        """The keys [start, end) that query t reads in `block`: the whole block (the last one may
+        be short), up to t itself in its own block when causal."""
+        start = block * block_size
+        end = min(start + block_size, n)
+        if causal and block == own:
+            end = t + 1
+        return start, end
+
     @numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
     def _forward(q, k, v, sel, count, block_size, causal, scales, out, lse):  # pragma: no cover  (compiled)
         tasks, n, dim = q.shape
@@ -40,10 +50,7 @@ if numba is not None:
                 own = t // block_size
                 used = 0
                 for s in range(count[task, t]):  # pass 1: the scores of the selected keys
-                    start = sel[task, t, s] * block_size
-                    end = min(start + block_size, n)
-                    if causal and sel[task, t, s] == own:
-                        end = t + 1
+                    start, end = _keys(sel[task, t, s], own, t, block_size, n, causal)
                     for j in range(start, end):
                         dot = q[task, t, 0] * k[task, j, 0]
                         for d in range(1, dim):
@@ -61,10 +68,7 @@ if numba is not None:
                     acc[d] = 0.0
                 used = 0
                 for s in range(count[task, t]):  # pass 2: softmax weights times values
-                    start = sel[task, t, s] * block_size
-                    end = min(start + block_size, n)
-                    if causal and sel[task, t, s] == own:
-                        end = t + 1
+                    start, end = _keys(sel[task, t, s], own, t, block_size, n, causal)
                     for j in range(start, end):
                         p = scores[used]
                         used += 1
@@ -91,10 +95,7 @@ if numba is not None:
                 for d in range(dim):
                     dq[task, t, d] = 0.0
                 for s in range(count[task, t]):
-                    start = sel[task, t, s] * block_size
-                    end = min(start + block_size, n)
-                    if causal and sel[task, t, s] == own:
-                        end = t + 1
+                    start, end = _keys(sel[task, t, s], own, t, block_size, n, causal)
                     for j in range(start, end):
                         dot = q[task, t, 0] * k[task, j, 0]
                         dp = dout[task, t, 0] * v[task, j, 0]
