@@ -8,8 +8,12 @@ work is a contiguous vector of the batch, when activations are laid out (feature
     sddmm(crow, col, gt, xt) -> vals,   vals[k] = gt[r] . xt[col[k]]             (dW at live positions)
 
 Rows are independent, so they run in parallel; each nnz costs one batch-length SIMD
-multiply-add, with no index search. `torch.sparse` (MKL spmm + `sampled_addmm`) is the
-portable fallback and the test oracle; `backend()` says which is used.
+multiply-add, with no index search. When a layer needs both backward products, `backward_t`
+computes them in one pass over W^T's rows (each live weight then reads one random gradient row
+instead of a gradient row and an activation row). In very wide layers the rows read are far
+apart in matrices much larger than the caches, so the kernels request the row needed a few
+nonzeros ahead (`_prefetch`). `torch.sparse` (MKL spmm + `sampled_addmm`) is the portable
+fallback and the test oracle; `backend()` says which is used.
 """
 
 from __future__ import annotations
