@@ -23,6 +23,11 @@ def available() -> bool:
     return backend() == "numba"
 
 
+def usable(x: torch.Tensor) -> bool:
+    """Whether the kernels can take tensors like x (numba present, CPU)."""
+    return x.device.type == "cpu" and available()
+
+
 # fast-math without the no-infinities/no-NaNs assumptions: the running maximum starts at -inf
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
@@ -187,20 +192,19 @@ class MoBAFunction(torch.autograd.Function):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:2], dtype=q.dtype)
-        scales = np.array([scale], dtype=q.numpy().dtype)
+        scales = np.array([scale], dtype=q.numpy().dtype)  # the inputs' dtype (see _forward)
         args = (sel.numpy(), count.numpy(), block_size, causal, scales, out.numpy(), lse.numpy())
         launch(_forward, q.numpy(), k.numpy(), v.numpy(), *args)
         ctx.save_for_backward(q, k, v, sel, count, out, lse)
-        ctx.args = (block_size, causal, scale)
+        ctx.args = (block_size, causal, scales)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, sel, count, out, lse = ctx.saved_tensors
-        block_size, causal, scale = ctx.args
+        block_size, causal, scales = ctx.args
         dout = dout.contiguous()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        scales = np.array([scale], dtype=q.numpy().dtype)
         args = (sel.numpy(), count.numpy(), block_size, causal, scales, out.numpy(), lse.numpy(), dout.numpy())
         launch(_backward, q.numpy(), k.numpy(), v.numpy(), *args, dq.numpy(), dk.numpy(), dv.numpy())
         return dq, dk, dv, None, None, None, None, None

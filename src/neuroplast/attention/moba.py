@@ -73,7 +73,7 @@ def select_blocks(
     if count <= 0:
         empty = torch.empty(batch, heads, n, 0, dtype=torch.long, device=q.device)
         return empty, empty.bool()
-    if q.device.type == "cpu" and kernels.available():  # the same choice, without the score matrix
+    if kernels.usable(q):  # the same choice, without the score matrix
         return kernels.route(q.float(), centroids, block_size, count, causal, force_own_block)
     scores = q.float() @ centroids.transpose(-1, -2)  # (B, H, N, blocks)
     own = torch.arange(n, device=q.device) // block_size
@@ -136,11 +136,14 @@ def moba_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     chosen, valid = select_blocks(q.detach(), k.detach(), block_size, top_k, causal, force_own_block)
     if implementation == "auto":
-        implementation = "kernel" if _kernel_fits(q) else "gather"
+        # on CPU the kernel's forward+backward is at least as fast as gather from 4K tokens on and
+        # 2-3x faster in the ViT's shapes; gather only wins at 1K tokens, where dense beats both
+        # (`python bench/attention.py --vit`)
+        implementation = "kernel" if kernels.usable(q) else "gather"
     if implementation == "reference":
         return _reference(q, k, v, block_size, chosen, valid, causal, force_own_block, scale)
     if implementation == "kernel":
-        if not (kernels.available() and q.device.type == "cpu"):
+        if not kernels.usable(q):
             raise ValueError("implementation 'kernel' needs numba and CPU tensors; use 'gather' or 'auto'")
         out = kernels.moba_kernel(
             _working(q), _working(k), _working(v), block_size, chosen, valid, causal, force_own_block, scale
@@ -167,14 +170,6 @@ def moba_attention(
         for h in range(0, heads, step)
     ]
     return torch.cat(parts, dim=1)
-
-
-def _kernel_fits(q: torch.Tensor) -> bool:
-    """Whether "auto" takes the numba kernels: on CPU whenever numba is there. Measured
-    (`python bench/attention.py --vit`): forward+backward at least as fast as `gather` from 4K
-    tokens on and 2-3x faster in the ViT's shapes; `gather` only wins at 1K tokens, where dense
-    attention beats both."""
-    return q.device.type == "cpu" and kernels.available()
 
 
 def selection_mask(
