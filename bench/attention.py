@@ -10,14 +10,18 @@ neuroplast's implementations, `gather` (tiles of queries, batched matmuls) and `
 query by query over the selected keys), routing included. Implementations take turns round
 after round; times are medians and each ratio (dense / the faster MoBA) is the median of
 per-round ratios. On CUDA (`--device cuda`) only `gather` runs, in bf16; `--lengths` can add
-longer sequences.
+longer sequences. Large tensors go on transparent huge pages (`THP_MEM_ALLOC_ENABLE=1`, set
+before torch is imported) for dense and MoBA alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
+
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # read by torch at its first allocation
 
 import torch
 import torch.nn.functional as F

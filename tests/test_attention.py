@@ -185,14 +185,15 @@ def test_bad_arguments_are_named():
         MoBAttention(16, 2, block_size=8, top_k=2, grid=(4, 4), tile=(2, 2))
 
 
-def test_gather_in_batches_of_heads_equals_all_heads_at_once(monkeypatch):
+@pytest.mark.parametrize("causal", [True, False])
+def test_gather_tile_by_tile_equals_all_tiles_at_once(monkeypatch, causal):
     import neuroplast.attention.moba as moba
 
     q, k, v = rand(2, 4, 45, 8, seed=21), rand(2, 2, 45, 8, seed=22), rand(2, 2, 45, 8, seed=23)
-    whole = moba_attention(q, k, v, 8, 3, implementation="gather")
+    whole = moba_attention(q, k, v, 8, 3, causal=causal, implementation="gather")
     grads = torch.autograd.grad(whole.sum(), (q, k, v))
-    monkeypatch.setattr(moba, "SCORE_BUDGET", 1)  # one head at a time
-    split = moba_attention(q, k, v, 8, 3, implementation="gather")
+    monkeypatch.setattr(moba, "TILE_CHUNK_SCORES", 1)  # one tile per chunk
+    split = moba_attention(q, k, v, 8, 3, causal=causal, implementation="gather")
     torch.testing.assert_close(split, whole)
     for a, b in zip(torch.autograd.grad(split.sum(), (q, k, v)), grads, strict=True):
         torch.testing.assert_close(a, b)
@@ -213,3 +214,18 @@ def test_routing_kernel_chooses_what_the_torch_routing_chooses(monkeypatch, caus
         picks[which] = (torch.where(valid, chosen, -1), valid)
     assert torch.equal(picks["numba"][1], picks["torch"][1])
     assert torch.equal(picks["numba"][0], picks["torch"][0])
+
+
+def test_auto_takes_the_kernel_for_small_tiles_and_gather_for_large_ones(monkeypatch):
+    import neuroplast.attention.moba as moba
+
+    if not kernels.usable(torch.zeros(1)):
+        pytest.skip("numba is not available")
+    taken = []
+    real_gather, real_kernel = moba._gather, kernels.moba_kernel
+    monkeypatch.setattr(moba, "_gather", lambda *a: taken.append("gather") or real_gather(*a))
+    monkeypatch.setattr(kernels, "moba_kernel", lambda *a: taken.append("kernel") or real_kernel(*a))
+    small, large = rand(1, 2, 40, 16, seed=1), rand(1, 2, 200, 32, seed=2)
+    moba_attention(small, small, small, 8, 2)  # blocks of 8, heads of 16
+    moba_attention(large, large, large, 64, 2)  # blocks of 64, heads of 32
+    assert taken == ["kernel", "gather"]

@@ -49,6 +49,23 @@ def test_csr_layers_hold_only_live_weights():
     assert_same_topology(tm, tc)
 
 
+@pytest.mark.parametrize("kernels", ["numba", "torch"])
+def test_memory_bytes_count_every_array_the_layer_keeps(monkeypatch, kernels):
+    from neuroplast.sparse import kernels as kernel_module
+
+    if kernels == "numba" and kernel_module.backend() != "numba":
+        pytest.skip("numba is not available")
+    monkeypatch.setenv("NEUROPLAST_KERNELS", kernels)
+    layer = CSRLinear.random(30, 20, 100, torch.Generator().manual_seed(0))
+    inverse = 4 * 100 if kernels == "numba" else 0  # int32 inverse permutation of the numba backward
+    assert layer.memory_bytes() == {
+        "values": 4 * 100,
+        "indices": 8 * (20 + 1) + 8 * 100,
+        "transpose": 8 * (30 + 1) + 8 * 100 + 8 * 100 + inverse,
+        "dense_equivalent": 4 * 20 * 30,
+    }
+
+
 def test_forward_and_gradients_match_the_masked_backend():
     (masked, csr), (tm, tc) = pair()
     x, y = batch(0)

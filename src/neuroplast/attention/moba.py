@@ -12,11 +12,13 @@ log-sum-exps.
 
 Three implementations give the same result (tests hold them to it):
 - `reference`: dense attention with the exact N x N selection mask (O(N^2); the test oracle);
-- `gather`: cost proportional to the selected blocks. Part (a), the own block, is a batched
-  block-diagonal attention; part (b) groups the queries by the key block they chose (per batch
-  and head), gathers them into dense tiles and runs one batched matmul against the block's keys;
-  the parts are merged by log-sum-exp. Autograd differentiates through the gathers, so the
-  backward costs the same order as the forward.
+- `gather`: cost proportional to the selected blocks. Every (query, chosen block) pair, the
+  forced own block included, joins the group of its (batch x head, key block); each group is cut
+  into dense tiles of queries, and each tile is one batched matmul against its block's keys and
+  one against its values (token-causal or short-block keys masked per query). The parts of a
+  query are merged by log-sum-exp. A custom backward recomputes the scores from the saved
+  log-sum-exp (five batched matmuls); tiles are processed a chunk at a time, so memory beyond the
+  inputs is bounded by the chunk and by the (query, block) pairs.
 - `kernel` (CPU): numba kernels that walk each query's selected keys (`attention/kernels.py`).
 """
 
@@ -26,12 +28,15 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from neuroplast.attention import kernels
 
 IMPLEMENTATIONS = ("auto", "gather", "kernel", "reference")
 TILE_ROWS = 64  # queries per dense tile in the gather path
-SCORE_BUDGET = 1 << 25  # score elements per batch of heads (128 MiB in fp32) in the gather path
+TILE_CHUNK_SCORES = 1 << 20  # score elements per chunk of tiles in the gather path (4 MiB in fp32)
+GPU_CHUNK_FACTOR = 64  # ... times this on a GPU (256 MiB)
+GATHER_MIN_BLOCK, GATHER_MIN_HEAD_DIM = 64, 32  # "auto" on CPU: smaller blocks or heads take the kernel
 
 
 def key_convolution(k: torch.Tensor, weight: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -121,7 +126,7 @@ def moba_attention(
     before routing and attention.
     implementation: "gather" (tiles of queries per chosen block, batched matmuls; any device),
     "kernel" (numba, CPU: query by query over the selected keys), "reference" (dense, exact
-    mask), or "auto" (kernel on CPU, gather elsewhere).
+    mask), or "auto" (gather, except the kernel on CPU for small blocks or narrow heads).
     """
     _check(q, k, v, block_size, top_k, implementation)
     if force_own_block is None:
@@ -136,10 +141,11 @@ def moba_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     chosen, valid = select_blocks(q.detach(), k.detach(), block_size, top_k, causal, force_own_block)
     if implementation == "auto":
-        # on CPU the kernel's forward+backward is at least as fast as gather from 4K tokens on and
-        # 2-3x faster in the ViT's shapes; gather only wins at 1K tokens, where dense beats both
-        # (`python bench/attention.py --vit`)
-        implementation = "kernel" if kernels.usable(q) else "gather"
+        # on CPU, gather's batched matmuls win when a tile's products are big enough (heads of
+        # 64, blocks of 128: up to 2.2x faster than the kernel, forward+backward); the kernel wins
+        # in the ViT's shapes (heads of 16, blocks of 14-16: 1.4-1.5x) (`python bench/attention.py --vit`)
+        small = block_size < GATHER_MIN_BLOCK or q.shape[-1] < GATHER_MIN_HEAD_DIM
+        implementation = "kernel" if small and kernels.usable(q) else "gather"
     if implementation == "reference":
         return _reference(q, k, v, block_size, chosen, valid, causal, force_own_block, scale)
     if implementation == "kernel":
@@ -149,27 +155,7 @@ def moba_attention(
             _working(q), _working(k), _working(v), block_size, chosen, valid, causal, force_own_block, scale
         )
         return out.to(q.dtype)
-    # heads are independent: take them a few at a time so the score tiles stay within a budget
-    batch, heads, n, _ = q.shape
-    per_head = n * min(top_k, math.ceil(n / block_size)) * (block_size + TILE_ROWS)
-    step = max(1, SCORE_BUDGET // per_head)
-    if step >= heads:
-        return _gather(q, k, v, block_size, chosen, valid, causal, force_own_block, scale)
-    parts = [
-        _gather(
-            q[:, h : h + step],
-            k[:, h : h + step],
-            v[:, h : h + step],
-            block_size,
-            chosen[:, h : h + step],
-            valid[:, h : h + step],
-            causal,
-            force_own_block,
-            scale,
-        )
-        for h in range(0, heads, step)
-    ]
-    return torch.cat(parts, dim=1)
+    return _gather(q, k, v, block_size, chosen, valid, causal, force_own_block, scale)
 
 
 def selection_mask(
@@ -208,71 +194,149 @@ def _blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, blocks * block_size - n)).reshape(batch * heads, blocks, block_size, dim)
 
 
+def _plan(n, bh, block_size, chosen, valid, causal, force_own_block, device):
+    """The tiles of the gather path. Every (query, chosen block) pair, the forced own block
+    included, joins the group of its (batch x head, key block); each group is cut into tiles of
+    TILE_ROWS queries. Returns (rows, tile_group, limit, pair_tile, pair_row, pair_query):
+    rows (tiles, TILE_ROWS) the query row of (BH*N) in each tile slot (bh*n: a padding slot),
+    tile_group each tile's group, limit the last key of the block a slot may read (the query
+    itself in its own block when causal, the last real key otherwise; -1 for padding), and for
+    every pair its tile, slot and query row."""
+    blocks = math.ceil(n / block_size)
+    head_index, query, slot = valid.view(bh, n, -1).nonzero(as_tuple=True)
+    key_block = chosen.view(bh, n, -1)[head_index, query, slot]
+    own = torch.zeros_like(query, dtype=torch.bool)
+    if force_own_block:
+        all_heads = torch.arange(bh, device=device).repeat_interleave(n)
+        all_queries = torch.arange(n, device=device).repeat(bh)
+        head_index = torch.cat([all_heads, head_index])
+        query = torch.cat([all_queries, query])
+        key_block = torch.cat([all_queries // block_size, key_block])
+        own = torch.cat([torch.ones(bh * n, dtype=torch.bool, device=device), own])
+    group = head_index * blocks + key_block
+    order = torch.argsort(group, stable=True)
+    group, head_index, query, key_block, own = (x[order] for x in (group, head_index, query, key_block, own))
+    # each group is cut into tiles of TILE_ROWS queries, so padding wastes less than one tile
+    # per group however unequal the groups are
+    groups = bh * blocks
+    counts = torch.bincount(group, minlength=groups)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(group.numel(), device=device) - starts[group]
+    tiles_per_group = (counts + TILE_ROWS - 1) // TILE_ROWS
+    first_tile = torch.cumsum(tiles_per_group, 0) - tiles_per_group
+    pair_tile, pair_row = first_tile[group] + rank // TILE_ROWS, rank % TILE_ROWS
+    tile_group = torch.repeat_interleave(torch.arange(groups, device=device), tiles_per_group)
+    pair_query = head_index * n + query  # row of (BH*N, D)
+    tiles = tile_group.numel()
+    rows = torch.full((tiles, TILE_ROWS), bh * n, dtype=torch.long, device=device)
+    rows[pair_tile, pair_row] = pair_query
+    last_key = (torch.clamp(n - key_block * block_size, max=block_size) - 1).to(torch.long)
+    if causal:
+        last_key = torch.where(own, query - key_block * block_size, last_key)
+    limit = torch.full((tiles, TILE_ROWS), -1, dtype=torch.long, device=device)
+    limit[pair_tile, pair_row] = last_key
+    return rows, tile_group, limit, pair_tile, pair_row, pair_query
+
+
+def _mask_scores(s: torch.Tensor, limit: torch.Tensor) -> None:
+    """Scores of keys past each slot's limit (future keys, the short last block's padding,
+    padding slots) become -inf, in place."""
+    keys = torch.arange(s.shape[-1], device=s.device)
+    s.masked_fill_(keys > limit[..., None], float("-inf"))
+
+
+def _chunks(tiles: int, block_size: int, device: torch.device):
+    """Ranges of tiles whose score matrices hold about TILE_CHUNK_SCORES elements on CPU: the
+    temporaries stay small enough to be reused from the heap (and warm in cache) instead of
+    being mapped, page-faulted and unmapped by the allocator on every call. On a GPU, chunks
+    are GPU_CHUNK_FACTOR times larger (fewer, larger launches)."""
+    budget = TILE_CHUNK_SCORES * (1 if device.type == "cpu" else GPU_CHUNK_FACTOR)
+    step = max(1, budget // (TILE_ROWS * block_size))
+    return [(start, min(start + step, tiles)) for start in range(0, tiles, step)]
+
+
+class _GatherFunction(torch.autograd.Function):
+    """MoBA over tiles of queries grouped by chosen key block: two batched matmuls forward,
+    five backward (scores recomputed from the saved log-sum-exp, as FlashAttention does), a
+    chunk of tiles at a time, and no autograd graph through the gathers and the merge."""
+
+    @staticmethod
+    def forward(ctx, qf, kb, vb, plan, masked):
+        rows, tile_group, limit, pair_tile, pair_row, pair_query = plan
+        bh_n, dim = qf.shape
+        block_size = kb.shape[1]
+        q_rows = torch.cat([qf, qf.new_zeros(1, dim)])
+        # the pairs are in tile order: a chunk of tiles holds a contiguous range of them
+        bounds = torch.searchsorted(pair_tile, torch.arange(rows.shape[0] + 1, device=pair_tile.device)).tolist()
+        out_all = qf.new_empty(pair_tile.numel(), dim)
+        lse_all = qf.new_empty(pair_tile.numel())
+        for a, b in _chunks(rows.shape[0], block_size, rows.device):
+            group = tile_group[a:b]
+            s = torch.bmm(q_rows[rows[a:b]], kb[group].transpose(-1, -2))  # (tiles, TILE_ROWS, bs)
+            if masked:
+                _mask_scores(s, limit[a:b])
+            peak = s.amax(-1, keepdim=True)
+            if masked:
+                peak = peak.masked_fill_(peak == float("-inf"), 0.0)  # padding slots: no key at all
+            p = s.sub_(peak).exp_()
+            total = p.sum(-1, keepdim=True)
+            out_tiles = torch.bmm(p, vb[group]).div_(total.clamp_min_(torch.finfo(total.dtype).tiny))
+            lse_tiles = (peak + total.log()).squeeze(-1)
+            first, last = bounds[a], bounds[b]
+            tile, row = pair_tile[first:last] - a, pair_row[first:last]
+            out_all[first:last], lse_all[first:last] = out_tiles[tile, row], lse_tiles[tile, row]
+        # merge the parts of each query: L = logsumexp_p l_p, o = sum_p exp(l_p - L) o_p
+        top = lse_all.new_full((bh_n,), float("-inf")).scatter_reduce(0, pair_query, lse_all, reduce="amax")
+        total_q = lse_all.new_zeros(bh_n).index_add_(0, pair_query, (lse_all - top[pair_query]).exp())
+        lse = top + total_q.log()
+        weight = (lse_all - lse[pair_query]).exp_()
+        out = out_all.new_zeros(bh_n, dim).index_add_(0, pair_query, out_all.mul_(weight[:, None]))
+        ctx.save_for_backward(qf, kb, vb, out, lse, rows, tile_group, limit)
+        ctx.masked = masked
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        qf, kb, vb, out, lse, rows, tile_group, limit = ctx.saved_tensors
+        bh_n, dim = qf.shape
+        block_size = kb.shape[1]
+        dout = dout.contiguous()
+        pad = lambda x, value: torch.cat([x, x.new_full((1, *x.shape[1:]), value)])  # noqa: E731
+        q_rows, do_rows = pad(qf, 0.0), pad(dout, 0.0)
+        lse_rows = pad(lse, float("inf"))  # padding slots: p = 0
+        delta_rows = pad((dout * out).sum(-1), 0.0)
+        dq = qf.new_zeros(bh_n + 1, dim)
+        dkb, dvb = torch.zeros_like(kb), torch.zeros_like(vb)
+        for a, b in _chunks(rows.shape[0], block_size, rows.device):
+            chunk_rows, group = rows[a:b], tile_group[a:b]
+            q_tiles, do_tiles = q_rows[chunk_rows], do_rows[chunk_rows]
+            keys, values = kb[group], vb[group]
+            s = torch.bmm(q_tiles, keys.transpose(-1, -2))
+            if ctx.masked:
+                _mask_scores(s, limit[a:b])
+            p = s.sub_(lse_rows[chunk_rows][..., None]).exp_()
+            ds = torch.bmm(do_tiles, values.transpose(-1, -2)).sub_(delta_rows[chunk_rows][..., None]).mul_(p)
+            dq.index_add_(0, chunk_rows.reshape(-1), torch.bmm(ds, keys).reshape(-1, dim))
+            dkb.index_add_(0, group, torch.bmm(ds.transpose(-1, -2), q_tiles))
+            dvb.index_add_(0, group, torch.bmm(p.transpose(-1, -2), do_tiles))
+        return dq[:bh_n], dkb, dvb, None, None
+
+
 def _gather(q, k, v, block_size, chosen, valid, causal, force_own_block, scale) -> torch.Tensor:
     batch, heads, n, dim = q.shape
     bh, blocks = batch * heads, math.ceil(n / block_size)
-    dtype = q.dtype
-    qf, kf, vf = _working(q) * scale, _working(k), _working(v)  # scaled once, not every score
-    kb, vb = _blocks(kf, block_size), _blocks(vf, block_size)  # (BH, blocks, bs, D)
-    key_real = (torch.arange(blocks * block_size, device=q.device) < n).view(blocks, block_size)
-    parts_lse, parts_out, parts_query = [], [], []
-
-    # (a) the own block: block-diagonal attention, causal inside the block when causal
-    if force_own_block:
-        qb = _blocks(qf, block_size)
-        s = qb @ kb.transpose(-1, -2)  # (BH, blocks, bs, bs)
-        allowed = key_real[:, None, :].expand(blocks, block_size, block_size)
-        if causal:
-            allowed = allowed & torch.ones(block_size, block_size, dtype=torch.bool, device=q.device).tril()
-        if not bool(allowed.all()):
-            s = s.masked_fill(~allowed, float("-inf"))
-        lse = s.logsumexp(-1)
-        out = s.softmax(-1) @ vb
-        parts_lse.append(lse.reshape(bh, -1)[:, :n].reshape(-1))
-        parts_out.append(out.reshape(bh, -1, dim)[:, :n].reshape(-1, dim))
-        parts_query.append(torch.arange(bh * n, device=q.device))
-
-    # (b) the chosen blocks: queries grouped by (batch x head, key block), one batched matmul
-    if valid.any():
-        head_index, query, slot = valid.view(bh, n, -1).nonzero(as_tuple=True)
-        key_block = chosen.view(bh, n, -1)[head_index, query, slot]
-        group = head_index * blocks + key_block
-        order = torch.argsort(group, stable=True)
-        group, head_index, query = group[order], head_index[order], query[order]
-        # each group (a key block of one batch x head) is cut into tiles of TILE_ROWS queries, so
-        # padding wastes less than one tile per group however unequal the groups are
-        groups = bh * blocks
-        counts = torch.bincount(group, minlength=groups)
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(group.numel(), device=q.device) - starts[group]
-        tiles_per_group = (counts + TILE_ROWS - 1) // TILE_ROWS
-        first_tile = torch.cumsum(tiles_per_group, 0) - tiles_per_group
-        tile_of_pair, row_of_pair = first_tile[group] + rank // TILE_ROWS, rank % TILE_ROWS
-        tile_group = torch.repeat_interleave(torch.arange(groups, device=q.device), tiles_per_group)
-        flat_query = head_index * n + query  # row of (BH*N, D)
-        rows = torch.full((tile_group.numel(), TILE_ROWS), bh * n, dtype=torch.long, device=q.device)
-        rows[tile_of_pair, row_of_pair] = flat_query  # bh*n: a zero row pads each tile
-        q_rows = torch.cat([qf.reshape(bh * n, dim), qf.new_zeros(1, dim)])
-        keys = kb.reshape(groups, block_size, dim)[tile_group]  # (tiles, bs, D)
-        values = vb.reshape(groups, block_size, dim)[tile_group]
-        s = q_rows[rows] @ keys.transpose(-1, -2)  # (tiles, TILE_ROWS, bs)
-        if n % block_size:  # the short last block's padding keys
-            s = s.masked_fill(~key_real[tile_group % blocks][:, None, :], float("-inf"))
-        lse = s.logsumexp(-1)
-        out = s.softmax(-1) @ values
-        parts_lse.append(lse[tile_of_pair, row_of_pair])
-        parts_out.append(out[tile_of_pair, row_of_pair])
-        parts_query.append(flat_query)
-
-    # merge: L = logsumexp over the parts of each query; o = sum_p exp(l_p - L) o_p
-    lse_all, out_all, query_all = torch.cat(parts_lse), torch.cat(parts_out), torch.cat(parts_query)
-    peak = lse_all.new_full((bh * n,), float("-inf"))
-    peak = peak.scatter_reduce(0, query_all, lse_all.detach(), reduce="amax")
-    total = lse_all.new_zeros(bh * n).index_add(0, query_all, (lse_all - peak[query_all]).exp())
-    merged_lse = peak + total.log()
-    weight = (lse_all - merged_lse[query_all]).exp()
-    merged = out_all.new_zeros(bh * n, dim).index_add(0, query_all, weight[:, None] * out_all)
-    return merged.view(batch, heads, n, dim).to(dtype)
+    qf = (_working(q) * scale).reshape(bh * n, dim)  # scaled once, not every score
+    kb = _blocks(_working(k), block_size).reshape(bh * blocks, block_size, dim)  # (groups, bs, D)
+    vb = _blocks(_working(v), block_size).reshape(bh * blocks, block_size, dim)
+    plan = _plan(n, bh, block_size, chosen, valid, causal, force_own_block, q.device)
+    if plan[0].numel() == 0:  # an empty sequence: nothing to attend to
+        return torch.zeros_like(q)
+    # without a causal own block or a short last block every key of a tile is readable (padding
+    # slots read keys too, but their results are never used and their gradients are zero)
+    masked = causal or n % block_size != 0
+    out = _GatherFunction.apply(qf, kb, vb, plan, masked)
+    return out.view(batch, heads, n, dim).to(q.dtype)
 
 
 def tile_order(rows: int, cols: int, tile_rows: int, tile_cols: int) -> torch.Tensor:
