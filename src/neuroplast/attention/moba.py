@@ -261,15 +261,14 @@ class _GatherFunction(torch.autograd.Function):
     chunk of tiles at a time, and no autograd graph through the gathers and the merge."""
 
     @staticmethod
-    def forward(ctx, qf, kb, vb, plan, masked):
+    def forward(ctx, q_rows, kb, vb, plan, masked):
         rows, tile_group, limit, pair_tile, pair_row, pair_query = plan
-        bh_n, dim = qf.shape
+        bh_n, dim = q_rows.shape[0] - 1, q_rows.shape[1]  # q_rows ends with the padding slots' zero row
         block_size = kb.shape[1]
-        q_rows = torch.cat([qf, qf.new_zeros(1, dim)])
         # the pairs are in tile order: a chunk of tiles holds a contiguous range of them
         bounds = torch.searchsorted(pair_tile, torch.arange(rows.shape[0] + 1, device=pair_tile.device)).tolist()
-        out_all = qf.new_empty(pair_tile.numel(), dim)
-        lse_all = qf.new_empty(pair_tile.numel())
+        out_all = q_rows.new_empty(pair_tile.numel(), dim)
+        lse_all = q_rows.new_empty(pair_tile.numel())
         for a, b in _chunks(rows.shape[0], block_size, rows.device):
             group = tile_group[a:b]
             s = torch.bmm(q_rows[rows[a:b]], kb[group].transpose(-1, -2))  # (tiles, TILE_ROWS, bs)
@@ -291,22 +290,22 @@ class _GatherFunction(torch.autograd.Function):
         lse = top + total_q.log()
         weight = (lse_all - lse[pair_query]).exp_()
         out = out_all.new_zeros(bh_n, dim).index_add_(0, pair_query, out_all.mul_(weight[:, None]))
-        ctx.save_for_backward(qf, kb, vb, out, lse, rows, tile_group, limit)
+        ctx.save_for_backward(q_rows, kb, vb, out, lse, rows, tile_group, limit)
         ctx.masked = masked
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
-        qf, kb, vb, out, lse, rows, tile_group, limit = ctx.saved_tensors
-        bh_n, dim = qf.shape
+        q_rows, kb, vb, out, lse, rows, tile_group, limit = ctx.saved_tensors
+        dim = q_rows.shape[1]
         block_size = kb.shape[1]
         dout = dout.contiguous()
         pad = lambda x, value: torch.cat([x, x.new_full((1, *x.shape[1:]), value)])  # noqa: E731
-        q_rows, do_rows = pad(qf, 0.0), pad(dout, 0.0)
+        do_rows = pad(dout, 0.0)
         lse_rows = pad(lse, float("inf"))  # padding slots: p = 0
         delta_rows = pad((dout * out).sum(-1), 0.0)
-        dq = qf.new_zeros(bh_n + 1, dim)
+        dq = torch.zeros_like(q_rows)
         dkb, dvb = torch.zeros_like(kb), torch.zeros_like(vb)
         for a, b in _chunks(rows.shape[0], block_size, rows.device):
             chunk_rows, group = rows[a:b], tile_group[a:b]
@@ -320,13 +319,14 @@ class _GatherFunction(torch.autograd.Function):
             dq.index_add_(0, chunk_rows.reshape(-1), torch.bmm(ds, keys).reshape(-1, dim))
             dkb.index_add_(0, group, torch.bmm(ds.transpose(-1, -2), q_tiles))
             dvb.index_add_(0, group, torch.bmm(p.transpose(-1, -2), do_tiles))
-        return dq[:bh_n], dkb, dvb, None, None
+        return dq, dkb, dvb, None, None
 
 
 def _gather(q, k, v, block_size, chosen, valid, causal, force_own_block, scale) -> torch.Tensor:
     batch, heads, n, dim = q.shape
     bh, blocks = batch * heads, math.ceil(n / block_size)
-    qf = (_working(q) * scale).reshape(bh * n, dim)  # scaled once, not every score
+    q_rows = (_working(q) * scale).reshape(bh * n, dim)  # scaled once, not every score
+    q_rows = torch.cat([q_rows, q_rows.new_zeros(1, dim)])  # the row that padding slots read
     kb = _blocks(_working(k), block_size).reshape(bh * blocks, block_size, dim)  # (groups, bs, D)
     vb = _blocks(_working(v), block_size).reshape(bh * blocks, block_size, dim)
     plan = _plan(n, bh, block_size, chosen, valid, causal, force_own_block, q.device)
@@ -335,7 +335,7 @@ def _gather(q, k, v, block_size, chosen, valid, causal, force_own_block, scale) 
     # without a causal own block or a short last block every key of a tile is readable (padding
     # slots read keys too, but their results are never used and their gradients are zero)
     masked = causal or n % block_size != 0
-    out = _GatherFunction.apply(qf, kb, vb, plan, masked)
+    out = _GatherFunction.apply(q_rows, kb, vb, plan, masked)
     return out.view(batch, heads, n, dim).to(q.dtype)
 
 
