@@ -142,8 +142,8 @@ def moba_attention(
     chosen, valid = select_blocks(q.detach(), k.detach(), block_size, top_k, causal, force_own_block)
     if implementation == "auto":
         # on CPU, gather's batched matmuls win when a tile's products are big enough (heads of
-        # 64, blocks of 128: up to 2.2x faster than the kernel, forward+backward); the kernel wins
-        # in the ViT's shapes (heads of 16, blocks of 14-16: 1.4-1.5x) (`python bench/attention.py --vit`)
+        # 64, blocks of 128: 1.4-2.4x faster than the kernel, forward+backward); the kernel wins
+        # in the ViT's shapes (heads of 16, blocks of 14-16: 1.3-1.5x) (`python bench/attention.py --vit`)
         small = block_size < GATHER_MIN_BLOCK or q.shape[-1] < GATHER_MIN_HEAD_DIM
         implementation = "kernel" if small and kernels.usable(q) else "gather"
     if implementation == "reference":
