@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from neuroplast.sparse.kernels import CSRArrays, backend, backward_t, sddmm, spmm_t, transposed
+from neuroplast.sparse.kernels import CSRArrays, backend, backward_t, inverse_dtype, sddmm, spmm_t, transposed
 from neuroplast.sparse.layer import Candidates, SparseLayer
 
 CHUNK_ELEMENTS = 1 << 22  # dense-gradient block size for growth: 4M floats (16 MiB)
@@ -217,7 +217,7 @@ class CSRLinear(nn.Module):
         """Bytes held for the weight: values, the CSR indices, the transposed pattern (with the
         inverse permutation that the numba backward pass builds, int32 below 2^31 weights)."""
         nbytes = lambda *ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
-        inverse = self.nnz * (4 if self.nnz < 2**31 else 8) if backend() == "numba" else 0
+        inverse = self.nnz * inverse_dtype(self.nnz).itemsize if backend() == "numba" else 0
         return {
             "values": nbytes(self.values),
             "indices": nbytes(self.crow, self.col),

@@ -362,6 +362,12 @@ def backward_t(
     return spmm_t(pattern_t, vals, gt, xt.shape[0]), sddmm(pattern, gt, xt)
 
 
+def inverse_dtype(nnz: int) -> torch.dtype:
+    """Index type of the inverse permutation of `nnz` values: int32 when it fits (half the
+    memory and the traffic of the gather that reads it)."""
+    return torch.int32 if nnz < 2**31 else torch.int64
+
+
 class CSRArrays:
     """A CSR pattern (crow, col) and, for a transposed pattern, the permutation that takes the
     original values to its order. Keeps numpy views for the kernels (made once per topology)."""
@@ -381,13 +387,12 @@ class CSRArrays:
         return self._numpy
 
     def inverse(self) -> np.ndarray:
-        """The inverse permutation (this order -> the original), as numpy; int32 when it fits
-        (half the memory traffic of the gather that uses it)."""
+        """The inverse permutation (this order -> the original), as numpy (see inverse_dtype)."""
         if self._inverse is None:
             if self.perm is None:
                 raise ValueError("a pattern without a permutation has no inverse")
             n = self.perm.numel()
-            dtype = torch.int32 if n < 2**31 else torch.int64
+            dtype = inverse_dtype(n)
             inverse = torch.empty(n, dtype=dtype, device=self.perm.device)
             inverse[self.perm] = torch.arange(n, dtype=dtype, device=self.perm.device)
             self._inverse = inverse.numpy()
