@@ -92,7 +92,7 @@ def test_gradient_check_of_the_sparse_function():
     layer = CSRLinear.from_linear(linear, flat)
     x = torch.randn(4, 7, dtype=torch.double, requires_grad=True)
     inputs = (x, layer.values, layer.bias)
-    assert torch.autograd.gradcheck(lambda x, v, b: _SparseLinearFunction.apply(x, v, b, layer), inputs)
+    assert torch.autograd.gradcheck(lambda x, v, b: _SparseLinearFunction.apply(x, v, b, layer, x.dtype), inputs)
 
 
 @pytest.mark.parametrize("shape", ["2d", "3d", "strided"])
@@ -318,9 +318,12 @@ def test_trainer_csr_matches_masked_and_resumes_exactly(tmp_path, method):
     __import__("neuroplast.sparse.kernels", fromlist=["backend"]).backend() != "numba",
     reason="numba kernels not available",
 )
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch", [1, 5, 128])
 @pytest.mark.parametrize("rows, cols", [(37, 23), (7, 90)])
-def test_numba_kernels_match_torch_sparse(monkeypatch, batch, rows, cols):
+def test_numba_kernels_match_torch_sparse(monkeypatch, batch, rows, cols, dtype):
+    """Every product, with float32 or bfloat16 activations (values stay float32): the same
+    results, in the same dtypes, as torch.sparse computing in float32."""
     from neuroplast.sparse import kernels
 
     monkeypatch.setattr(kernels, "FEW_ROWS_INPUT", 0)  # take the column-parallel forward at this size
@@ -331,8 +334,8 @@ def test_numba_kernels_match_torch_sparse(monkeypatch, batch, rows, cols):
     mask[3] = False
     flat = mask.view(-1).nonzero().squeeze(1)
     layer = CSRLinear.from_linear(torch.nn.Linear(cols, rows), flat)
-    xt, gt = torch.randn(cols, batch, generator=g), torch.randn(rows, batch, generator=g)
-    odd_shapes = [torch.randn(shape, generator=g) for shape in [(8, 16), (1, 5), (37, 19), (19, 37)]]
+    xt, gt = torch.randn(cols, batch, generator=g).to(dtype), torch.randn(rows, batch, generator=g).to(dtype)
+    odd_shapes = [torch.randn(shape, generator=g).to(dtype) for shape in [(8, 16), (1, 5), (37, 19), (19, 37)]]
     results = {}
     for which in ("numba", "torch"):
         monkeypatch.setenv("NEUROPLAST_KERNELS", which)
@@ -348,7 +351,99 @@ def test_numba_kernels_match_torch_sparse(monkeypatch, batch, rows, cols):
             *(kernels.transposed(a) for a in odd_shapes),
         )
     for fast, reference in zip(results["numba"], results["torch"], strict=True):
-        torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+        # a bfloat16 output may round a float32 sum summed in another order to the next value
+        tolerance = 1e-5 if fast.dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(fast, reference, atol=tolerance, rtol=tolerance)
+    a, f = dtype, torch.float32  # activations keep their dtype; weight and bias gradients are float32
+    assert [r.dtype for r in results["numba"][:10]] == [a, a, f, a, a, f, f, a, f, a]
+
+
+@pytest.mark.skipif(
+    __import__("neuroplast.sparse.kernels", fromlist=["backend"]).backend() != "numba",
+    reason="numba kernels not available",
+)
+def test_bfloat16_outputs_round_to_nearest_even_as_torch_does():
+    """The kernels write bfloat16 rows by rounding float32 sums: exactly torch's rounding,
+    ties to even included, infinities kept, and a NaN stays a NaN."""
+    from neuroplast.sparse import kernels
+
+    g = torch.Generator().manual_seed(0)
+    scale = 10.0 ** torch.randint(-30, 30, (4000,), generator=g).float()
+    ties = ((torch.randint(0, 2**15, (64,), generator=g, dtype=torch.int32) << 16) | 0x8000).view(torch.float32)
+    special = torch.tensor([0.0, 1e-40, -3e-39, 3.3e38, -3.39e38, float("inf"), -float("inf"), float("nan")])
+    sums = torch.cat([torch.randn(4000, generator=g) * scale, ties, special])
+    # an (n x 1) layer whose weights are the sums, times an input of 1: row r's float32 sum is sums[r]
+    layer = CSRLinear.from_linear(torch.nn.Linear(1, sums.numel()), torch.arange(sums.numel()))
+    layer.values.data.copy_(sums)
+    one = torch.ones(1, 1, dtype=torch.bfloat16)
+    got = kernels.spmm_t(layer.pattern, layer.values, one, sums.numel())[:, 0]
+    expected = sums.to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got.isnan(), expected.isnan()) and int(got.isnan().sum()) == 1
+    finite = ~expected.isnan()
+    assert torch.equal(got[finite].view(torch.int16), expected[finite].view(torch.int16))
+
+
+@pytest.mark.parametrize("kernels", ["numba", "torch"])
+def test_under_bfloat16_autocast_activations_are_bfloat16_and_weights_stay_float32(monkeypatch, kernels):
+    """As nn.Linear under torch.autocast: bfloat16 outputs and input gradients, values and their
+    gradient float32; against float32, no less accurate than the masked layers under the same
+    autocast (which round each product's output to bfloat16 too)."""
+    monkeypatch.setenv("NEUROPLAST_KERNELS", kernels)
+    (masked_model, csr_model), (masked_topology, csr_topology) = pair(density=0.3)
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(16, 30, generator=g), torch.randint(0, 5, (16,), generator=g)
+
+    def run(model, topology, autocast):
+        leaf = x.clone().requires_grad_()
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            hidden = model.features[0](leaf)  # the first sparse layer on its own
+            logits = model(leaf)
+            loss = F.cross_entropy(logits, y)
+        loss.backward()
+        live_grads = [
+            layer.module.values.grad if isinstance(layer.module, CSRLinear) else layer.module.weight.grad.view(-1)[flat]
+            for layer in topology.layers.values()
+            for flat in [layer.live()[1]]
+        ]
+        return hidden.detach(), logits.detach(), leaf.grad, torch.cat(live_grads)
+
+    reference = run(csr_model, csr_topology, autocast=False)
+    masked = run(masked_model, masked_topology, autocast=True)
+    ours = run(csr_model, csr_topology, autocast=True)
+    assert ours[0].dtype == ours[1].dtype == masked[1].dtype == torch.bfloat16 and ours[2].dtype == torch.float32
+    assert all(layer.module.values.grad.dtype == torch.float32 for layer in csr_topology.layers.values())
+    error = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
+    for name, mine, theirs, exact in zip(("hidden", "logits", "input grad", "weight grads"), ours, masked, reference):
+        assert error(mine, exact) <= max(1.5 * error(theirs, exact), 0.01), name
+
+
+@pytest.mark.parametrize("method", ["set", "rigl"])
+def test_training_under_bfloat16_autocast_with_rewiring(method):
+    """The engine rewires a csr model trained under autocast (RigL's growth reads the bfloat16
+    activations and gradients it captured) and the losses follow float32 training's."""
+    curves = {}
+    for autocast in (False, True):
+        torch.manual_seed(0)
+        model = MLP(30, (48, 40), 5)
+        topology = sparsify(model, 0.3, "erk", backend="csr", generator=torch.Generator().manual_seed(0))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        topology.attach(optimizer)
+        engine = DSTEngine(topology, preset(method, update_every=3), total_steps=30, steps_per_epoch=3)
+        x, y = batch(0, n=64)
+        curves[autocast] = []
+        for _ in range(12):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            engine.step()
+            curves[autocast].append(loss.item())
+        assert len(engine.history) == 4 and all(record.layers[0].dropped > 0 for record in engine.history)
+    assert curves[True][-1] < curves[True][0] - 0.1
+    torch.testing.assert_close(torch.tensor(curves[True]), torch.tensor(curves[False]), atol=0.01, rtol=0)
 
 
 @pytest.mark.parametrize("feature_major", [False, True])

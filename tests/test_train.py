@@ -64,6 +64,18 @@ def test_digits_learns():
     assert summary["final_test_accuracy"] > 0.85
 
 
+@pytest.mark.parametrize("backend", ["masked", "csr"])
+def test_bfloat16_precision_learns_as_float32_does(backend):
+    """--precision bfloat16 trains under autocast (weights stay float32) to float32's accuracy."""
+    accuracies = {}
+    for precision in ("float32", "bfloat16"):
+        config = small("rigl", epochs=6, update_every=5, backend=backend, precision=precision)
+        accuracies[precision] = train(config, None, progress=False, log=None)["final_test_accuracy"]
+    assert accuracies["bfloat16"] > 0.85 and abs(accuracies["bfloat16"] - accuracies["float32"]) < 0.03
+    with pytest.raises(ConfigError, match="unknown precision 'float16'; choose from: float32, bfloat16"):
+        small(precision="float16").validate()
+
+
 @pytest.mark.parametrize(
     "method,extra",
     [

@@ -50,6 +50,7 @@ HELP = {
     "dense_first": "keep the first layer dense",
     "dense_last": "keep the last layer dense",
     "backend": "masked (dense weight x mask, any layer) or csr (truly sparse Linear layers)",
+    "precision": "float32, or bfloat16 activations (torch.autocast; weights and their optimizer state stay float32)",
     "drop_fraction": "drop fraction (SET zeta, RigL alpha); default: the method's",
     "update_every": "steps between topology updates; default: the method's",
     "end_fraction": "stop topology updates after this fraction of training (RigL T_end)",

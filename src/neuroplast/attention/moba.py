@@ -197,11 +197,13 @@ def _blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
 def _plan(n, bh, block_size, chosen, valid, causal, force_own_block, device):
     """The tiles of the gather path. Every (query, chosen block) pair, the forced own block
     included, joins the group of its (batch x head, key block); each group is cut into tiles of
-    TILE_ROWS queries. Returns (rows, tile_group, limit, pair_tile, pair_row, pair_query):
-    rows (tiles, TILE_ROWS) the query row of (BH*N) in each tile slot (bh*n: a padding slot),
-    tile_group each tile's group, limit the last key of the block a slot may read (the query
-    itself in its own block when causal, the last real key otherwise; -1 for padding), and for
-    every pair its tile, slot and query row."""
+    TILE_ROWS queries. Pairs that may read only part of their block (the own block when causal,
+    the short last block) form groups of their own, whose tiles come first: only those
+    `masked_tiles` need their scores masked. Returns (rows, tile_group, limit, pair_tile,
+    pair_row, pair_query, masked_tiles): rows (tiles, TILE_ROWS) the query row of (BH*N) in each
+    tile slot (bh*n: a padding slot), tile_group each tile's (batch x head, key block), limit the
+    last key of the block a slot may read (the query itself in its own block when causal, the
+    last real key otherwise; -1 for padding), and for every pair its tile, slot and query row."""
     blocks = math.ceil(n / block_size)
     head_index, query, slot = valid.view(bh, n, -1).nonzero(as_tuple=True)
     key_block = chosen.view(bh, n, -1)[head_index, query, slot]
@@ -213,29 +215,32 @@ def _plan(n, bh, block_size, chosen, valid, causal, force_own_block, device):
         query = torch.cat([all_queries, query])
         key_block = torch.cat([all_queries // block_size, key_block])
         own = torch.cat([torch.ones(bh * n, dtype=torch.bool, device=device), own])
+    last_key = (torch.clamp(n - key_block * block_size, max=block_size) - 1).to(torch.long)
+    if causal:
+        last_key = torch.where(own, query - key_block * block_size, last_key)
+    groups = bh * blocks
     group = head_index * blocks + key_block
-    order = torch.argsort(group, stable=True)
-    group, head_index, query, key_block, own = (x[order] for x in (group, head_index, query, key_block, own))
+    # pairs that read a whole block go to groups + group: after every partly read one
+    tiling = torch.where(last_key < block_size - 1, group, group + groups)
+    order = torch.argsort(tiling, stable=True)
+    tiling, head_index, query, last_key = (x[order] for x in (tiling, head_index, query, last_key))
     # each group is cut into tiles of TILE_ROWS queries, so padding wastes less than one tile
     # per group however unequal the groups are
-    groups = bh * blocks
-    counts = torch.bincount(group, minlength=groups)
+    counts = torch.bincount(tiling, minlength=2 * groups)
     starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(group.numel(), device=device) - starts[group]
+    rank = torch.arange(tiling.numel(), device=device) - starts[tiling]
     tiles_per_group = (counts + TILE_ROWS - 1) // TILE_ROWS
     first_tile = torch.cumsum(tiles_per_group, 0) - tiles_per_group
-    pair_tile, pair_row = first_tile[group] + rank // TILE_ROWS, rank % TILE_ROWS
-    tile_group = torch.repeat_interleave(torch.arange(groups, device=device), tiles_per_group)
+    pair_tile, pair_row = first_tile[tiling] + rank // TILE_ROWS, rank % TILE_ROWS
+    tile_group = torch.repeat_interleave(torch.arange(2 * groups, device=device) % groups, tiles_per_group)
+    masked_tiles = int(tiles_per_group[:groups].sum())
     pair_query = head_index * n + query  # row of (BH*N, D)
     tiles = tile_group.numel()
     rows = torch.full((tiles, TILE_ROWS), bh * n, dtype=torch.long, device=device)
     rows[pair_tile, pair_row] = pair_query
-    last_key = (torch.clamp(n - key_block * block_size, max=block_size) - 1).to(torch.long)
-    if causal:
-        last_key = torch.where(own, query - key_block * block_size, last_key)
     limit = torch.full((tiles, TILE_ROWS), -1, dtype=torch.long, device=device)
     limit[pair_tile, pair_row] = last_key
-    return rows, tile_group, limit, pair_tile, pair_row, pair_query
+    return rows, tile_group, limit, pair_tile, pair_row, pair_query, masked_tiles
 
 
 def _mask_scores(s: torch.Tensor, limit: torch.Tensor) -> None:
@@ -245,14 +250,19 @@ def _mask_scores(s: torch.Tensor, limit: torch.Tensor) -> None:
     s.masked_fill_(keys > limit[..., None], float("-inf"))
 
 
-def _chunks(tiles: int, block_size: int, device: torch.device):
-    """Ranges of tiles whose score matrices hold about TILE_CHUNK_SCORES elements on CPU: the
-    temporaries stay small enough to be reused from the heap (and warm in cache) instead of
-    being mapped, page-faulted and unmapped by the allocator on every call. On a GPU, chunks
-    are GPU_CHUNK_FACTOR times larger (fewer, larger launches)."""
+def _chunks(tiles: int, masked_tiles: int, block_size: int, device: torch.device):
+    """(start, stop, masked) ranges of tiles whose score matrices hold about TILE_CHUNK_SCORES
+    elements on CPU: the temporaries stay small enough to be reused from the heap (and warm in
+    cache) instead of being mapped, page-faulted and unmapped by the allocator on every call.
+    On a GPU, chunks are GPU_CHUNK_FACTOR times larger (fewer, larger launches). No range
+    mixes the first `masked_tiles` (whose scores need masking) with the rest."""
     budget = TILE_CHUNK_SCORES * (1 if device.type == "cpu" else GPU_CHUNK_FACTOR)
     step = max(1, budget // (TILE_ROWS * block_size))
-    return [(start, min(start + step, tiles)) for start in range(0, tiles, step)]
+    return [
+        (start, min(start + step, stop), masked)
+        for first, stop, masked in ((0, masked_tiles, True), (masked_tiles, tiles, False))
+        for start in range(first, stop, step)
+    ]
 
 
 class _GatherFunction(torch.autograd.Function):
@@ -261,15 +271,15 @@ class _GatherFunction(torch.autograd.Function):
     chunk of tiles at a time, and no autograd graph through the gathers and the merge."""
 
     @staticmethod
-    def forward(ctx, q_rows, kb, vb, plan, masked):
-        rows, tile_group, limit, pair_tile, pair_row, pair_query = plan
+    def forward(ctx, q_rows, kb, vb, plan):
+        rows, tile_group, limit, pair_tile, pair_row, pair_query, masked_tiles = plan
         bh_n, dim = q_rows.shape[0] - 1, q_rows.shape[1]  # q_rows ends with the padding slots' zero row
         block_size = kb.shape[1]
         # the pairs are in tile order: a chunk of tiles holds a contiguous range of them
         bounds = torch.searchsorted(pair_tile, torch.arange(rows.shape[0] + 1, device=pair_tile.device)).tolist()
         out_all = q_rows.new_empty(pair_tile.numel(), dim)
         lse_all = q_rows.new_empty(pair_tile.numel())
-        for a, b in _chunks(rows.shape[0], block_size, rows.device):
+        for a, b, masked in _chunks(rows.shape[0], masked_tiles, block_size, rows.device):
             group = tile_group[a:b]
             s = torch.bmm(q_rows[rows[a:b]], kb[group].transpose(-1, -2))  # (tiles, TILE_ROWS, bs)
             if masked:
@@ -291,7 +301,7 @@ class _GatherFunction(torch.autograd.Function):
         weight = (lse_all - lse[pair_query]).exp_()
         out = out_all.new_zeros(bh_n, dim).index_add_(0, pair_query, out_all.mul_(weight[:, None]))
         ctx.save_for_backward(q_rows, kb, vb, out, lse, rows, tile_group, limit)
-        ctx.masked = masked
+        ctx.masked_tiles = masked_tiles
         return out
 
     @staticmethod
@@ -307,19 +317,19 @@ class _GatherFunction(torch.autograd.Function):
         delta_rows = pad((dout * out).sum(-1), 0.0)
         dq = torch.zeros_like(q_rows)
         dkb, dvb = torch.zeros_like(kb), torch.zeros_like(vb)
-        for a, b in _chunks(rows.shape[0], block_size, rows.device):
+        for a, b, masked in _chunks(rows.shape[0], ctx.masked_tiles, block_size, rows.device):
             chunk_rows, group = rows[a:b], tile_group[a:b]
             q_tiles, do_tiles = q_rows[chunk_rows], do_rows[chunk_rows]
             keys, values = kb[group], vb[group]
             s = torch.bmm(q_tiles, keys.transpose(-1, -2))
-            if ctx.masked:
+            if masked:
                 _mask_scores(s, limit[a:b])
             p = s.sub_(lse_rows[chunk_rows][..., None]).exp_()
             ds = torch.bmm(do_tiles, values.transpose(-1, -2)).sub_(delta_rows[chunk_rows][..., None]).mul_(p)
             dq.index_add_(0, chunk_rows.reshape(-1), torch.bmm(ds, keys).reshape(-1, dim))
             dkb.index_add_(0, group, torch.bmm(ds.transpose(-1, -2), q_tiles))
             dvb.index_add_(0, group, torch.bmm(p.transpose(-1, -2), do_tiles))
-        return dq, dkb, dvb, None, None
+        return dq, dkb, dvb, None
 
 
 def _gather(q, k, v, block_size, chosen, valid, causal, force_own_block, scale) -> torch.Tensor:
@@ -332,10 +342,9 @@ def _gather(q, k, v, block_size, chosen, valid, causal, force_own_block, scale) 
     plan = _plan(n, bh, block_size, chosen, valid, causal, force_own_block, q.device)
     if plan[0].numel() == 0:  # an empty sequence: nothing to attend to
         return torch.zeros_like(q)
-    # without a causal own block or a short last block every key of a tile is readable (padding
-    # slots read keys too, but their results are never used and their gradients are zero)
-    masked = causal or n % block_size != 0
-    out = _GatherFunction.apply(q_rows, kb, vb, plan, masked)
+    # padding slots read keys too, unmasked, but their results are never used and their
+    # gradients are zero
+    out = _GatherFunction.apply(q_rows, kb, vb, plan)
     return out.view(batch, heads, n, dim).to(q.dtype)
 
 

@@ -16,6 +16,12 @@ an optimizer step would densify; the custom Function here never does. Optimizers
 1-D parameter; rewiring carries their per-weight state across (kept connections keep it, new
 ones start at zero). No tensor of the layer's full shape is ever made: the RigL growth signal
 (the dense gradient) is computed a block of rows at a time.
+
+Under `torch.autocast(..., dtype=torch.bfloat16)` a CSRLinear does what nn.Linear does: its
+output (and so the activations it keeps for the backward pass and the gradients flowing back)
+is bfloat16, while `values`, their gradient and the optimizer state stay float32. The numba
+kernels read bfloat16 rows, sum in float32 and round each output element once; in very wide
+layers, where reading activation rows sets the pace, that halves the traffic.
 """
 
 from __future__ import annotations
@@ -44,24 +50,39 @@ def csr_pattern(flat: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor,
     return crow, flat % cols
 
 
+def _bias_grad(gt: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """gt.sum(1) in the bias's dtype: summed in float32 from bfloat16 gradients. (Asking for the
+    dtype only when it differs: in a 1M-neuron MLP, sum(dtype=...) on float32 left the heap
+    0.5-1 GB larger.)"""
+    return gt.sum(1) if gt.dtype == dtype else gt.sum(1, dtype=dtype)
+
+
 class _SparseLinearFunction(torch.autograd.Function):
     """y^T = W x^T + b with W = CSR(layer.pattern, values): takes x (batch, in), returns y^T
-    (out, batch). Activations are handled as (features, batch) so every product walks CSR rows
-    over contiguous batch vectors; `CSRLinear.forward` returns the transposed view, which
-    elementwise ops keep, so the next CSRLinear gets its x^T without a copy."""
+    (out, batch) in the activation dtype `dtype`. Activations are handled as (features, batch)
+    so every product walks CSR rows over contiguous batch vectors; `CSRLinear.forward` returns
+    the transposed view, which elementwise ops keep, so the next CSRLinear gets its x^T without
+    a copy. With dtype bfloat16 (under `torch.autocast`), activations and their gradients are
+    kept and read in bfloat16; values, their gradient and every sum stay float32."""
 
     @staticmethod
     def forward(
-        ctx, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, layer: CSRLinear
+        ctx,
+        x: torch.Tensor,
+        values: torch.Tensor,
+        bias: torch.Tensor | None,
+        layer: CSRLinear,
+        dtype: torch.dtype,
     ) -> torch.Tensor:
-        xt = transposed(x)
+        xt = transposed(x if x.dtype == dtype else x.to(dtype))
         ctx.x_batch_major = not x.t().is_contiguous()  # dx goes back in x's layout: no copy for autograd
         ctx.save_for_backward(xt, values)
         ctx.layer = layer
         ctx.version = layer.topology_version
         ctx.pattern, ctx.pattern_t = layer.pattern, layer.pattern_t
         ctx.has_bias = bias is not None
-        return spmm_t(ctx.pattern, values, xt, layer.out_features, bias=bias, pattern_t=ctx.pattern_t)
+        with torch.autocast(x.device.type, enabled=False):  # dtypes are chosen here, not by autocast
+            return spmm_t(ctx.pattern, values, xt, layer.out_features, bias=bias, pattern_t=ctx.pattern_t)
 
     @staticmethod
     @once_differentiable
@@ -74,25 +95,26 @@ class _SparseLinearFunction(torch.autograd.Function):
                 "after optimizer.step() (as DSTEngine.step does)"
             )
         gt = transposed(grad_output_t.t())  # free when the gradient arrives feature-major
+        gt = gt if gt.dtype == xt.dtype else gt.to(xt.dtype)
         grad_x = grad_values = grad_bias = None
         bias_grad = ctx.has_bias and ctx.needs_input_grad[2]
         if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:  # one pass for both (see backward_t)
             grad_xt, grad_values = backward_t(ctx.pattern, ctx.pattern_t, values, gt, xt)
-            grad_bias = gt.sum(1) if bias_grad else None
+            grad_bias = _bias_grad(gt, values.dtype) if bias_grad else None
         else:
             if ctx.needs_input_grad[0]:
                 grad_xt = spmm_t(ctx.pattern_t, values, gt, layer.in_features)
             if ctx.needs_input_grad[1] and bias_grad:
-                grad_values, grad_bias = sddmm(ctx.pattern, gt, xt, row_sums=True)
+                grad_values, grad_bias = sddmm(ctx.pattern, gt, xt, row_sums=True, dtype=values.dtype)
             elif ctx.needs_input_grad[1]:
-                grad_values = sddmm(ctx.pattern, gt, xt)
+                grad_values = sddmm(ctx.pattern, gt, xt, dtype=values.dtype)
             elif bias_grad:
-                grad_bias = gt.sum(1)
+                grad_bias = _bias_grad(gt, values.dtype)
         if ctx.needs_input_grad[0]:
             grad_x = transposed(grad_xt) if ctx.x_batch_major else grad_xt.t()
         if layer.capture:  # RigL's growth signal; a layer used twice contributes both batches
             layer.captured.append((xt, gt))
-        return grad_x, grad_values, grad_bias, None
+        return grad_x, grad_values, grad_bias, None, None
 
 
 class CSRLinear(nn.Module):
@@ -204,8 +226,16 @@ class CSRLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat_x = x.reshape(-1, self.in_features)
-        y = _SparseLinearFunction.apply(flat_x, self.values, self.bias, self).t()
+        y = _SparseLinearFunction.apply(flat_x, self.values, self.bias, self, self.activation_dtype(x)).t()
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def activation_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype this layer computes its output in, as nn.Linear would: autocast's (e.g.
+        bfloat16 under `torch.autocast("cpu", dtype=torch.bfloat16)`) when it is on for x's
+        device, else x's own. Values and their gradient keep their dtype either way."""
+        if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+            return torch.get_autocast_dtype(x.device.type)
+        return x.dtype
 
     def to_dense(self) -> torch.Tensor:
         """The full weight matrix (for inspection and tests only: it is the size of a dense layer)."""
@@ -357,11 +387,13 @@ class CSRLayer(SparseLayer):
         pairs = self.module.captured  # (in, batch), (out, batch) per backward of this layer
         xt = torch.cat([x for x, _ in pairs], dim=1) if len(pairs) > 1 else pairs[0][0]
         gt = torch.cat([g for _, g in pairs], dim=1) if len(pairs) > 1 else pairs[0][1]
+        dtype = self.module.values.dtype  # bfloat16 activations (autocast) are widened to it
+        xt = xt.to(dtype)
         n_in = self.module.in_features
         rows = max(1, CHUNK_ELEMENTS // n_in)
         for start in range(0, self.module.out_features, rows):
             stop = min(start + rows, self.module.out_features)
-            block = gt[start:stop] @ xt.t()  # (rows, in): the dense gradient of those rows
+            block = gt[start:stop].to(dtype) @ xt.t()  # (rows, in): the dense gradient of those rows
             yield torch.arange(start * n_in, stop * n_in, device=xt.device), block.reshape(-1)
 
     def clear_signals(self) -> None:

@@ -15,6 +15,13 @@ first and the gradient gathered back after. In very wide layers the rows read ar
 apart in matrices much larger than the caches, so the kernels request the row needed a few
 nonzeros ahead (`_prefetch`). `torch.sparse` (MKL spmm + `sampled_addmm`) is the portable
 fallback and the test oracle; `backend()` says which is used.
+
+Activations and their gradients may be float32 or bfloat16 (what `torch.autocast` asks a
+Linear for); the values and the weight gradient stay float32, and every sum is accumulated in
+float32. The kernels are written once: `_load` widens an element of either type, and an output
+row of bfloat16 is summed in a float32 row of the running thread (made by the caller: a
+kernel that allocates fragments the heap), then rounded to nearest even.
+bfloat16 halves the bytes of the random row reads that set the pace in wide layers.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ if numba is not None:
     from llvmlite import ir as _ir
     from numba.core import cgutils as _cgutils
     from numba.extending import intrinsic as _intrinsic
+    from numba.extending import overload as _overload
 
     _f32 = numba.float32
 
@@ -63,18 +71,82 @@ if numba is not None:
 
         return sig, codegen
 
+    @_intrinsic
+    def _bf16_to_f32(typingctx, bits):  # pragma: no cover  (compiled)
+        """The float32 of a bfloat16 held as uint16: its bits are the float's upper half."""
+        sig = numba.float32(bits)
+
+        def codegen(context, builder, signature, args):
+            i32 = _ir.IntType(32)
+            return builder.bitcast(builder.shl(builder.zext(args[0], i32), i32(16)), _ir.FloatType())
+
+        return sig, codegen
+
+    @_intrinsic
+    def _f32_to_bf16(typingctx, value):  # pragma: no cover  (compiled)
+        """float32 -> bfloat16 bits (uint16), rounded to nearest even as torch rounds; a NaN
+        stays a (quiet) NaN, where plain rounding could carry it into the sign bit."""
+        sig = numba.uint16(value)
+
+        def codegen(context, builder, signature, args):
+            i32 = _ir.IntType(32)
+            bits = builder.bitcast(args[0], i32)
+            odd = builder.and_(builder.lshr(bits, i32(16)), i32(1))
+            rounded = builder.lshr(builder.add(bits, builder.add(i32(0x7FFF), odd)), i32(16))
+            nan = builder.icmp_unsigned(">", builder.and_(bits, i32(0x7FFFFFFF)), i32(0x7F800000))
+            quiet = builder.or_(builder.lshr(bits, i32(16)), i32(0x40))
+            return builder.trunc(builder.select(nan, quiet, rounded), _ir.IntType(16))
+
+        return sig, codegen
+
+    def _load(element):  # pragma: no cover  (compiled: see the overload)
+        """An activation element as float32 (float32 as is; bfloat16, held as uint16, widened)."""
+
+    @_overload(_load, inline="always")
+    def _load_impl(element):
+        if element == numba.types.uint16:
+            return lambda element: _bf16_to_f32(element)
+        return lambda element: element
+
+    def _slot(out, r, t):  # pragma: no cover  (compiled: see the overload)
+        """The row of acc where output row r is summed: r when out is float32 (acc is out
+        itself), the running thread's t when out is bfloat16 (acc is a float32 scratch)."""
+
+    @_overload(_slot, inline="always")
+    def _slot_impl(out, r, t):
+        if out.dtype == numba.types.uint16:
+            return lambda out, r, t: t
+        return lambda out, r, t: r
+
+    def _flush(out, r, acc, t):  # pragma: no cover  (compiled: see the overload)
+        """Round the row summed in acc[t] into out[r] (bfloat16; a float32 row was summed in
+        place)."""
+
+    @_overload(_flush, inline="always")
+    def _flush_impl(out, r, acc, t):
+        if out.dtype == numba.types.uint16:
+
+            def to_bf16(out, r, acc, t):
+                for b in range(out.shape[1]):
+                    out[r, b] = _f32_to_bf16(acc[t, b])
+
+            return to_bf16
+        return lambda out, r, acc, t: None
+
     @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def _spmm(crow, col, vals, perm, use_perm, bias, use_bias, xt, out):  # pragma: no cover  (compiled)
+    def _spmm(crow, col, vals, perm, use_perm, bias, use_bias, xt, out, acc):  # pragma: no cover  (compiled)
         """out[r] = bias[r] + sum_k vals[k] xt[col[k]] (vals[perm[k]] with use_perm: W^T from
-        W's values). Four nonzeros per pass over the batch vector, accumulated in place in the
-        output row (a per-row scratch array costs an allocation per row)."""
+        W's values). Four nonzeros per pass over the batch vector, summed in place in the output
+        row (acc is out, float32) or in the running thread's row of a float32 acc, then
+        rounded into out (bfloat16)."""
         batch = xt.shape[1]
         flat = xt.reshape(-1)
         last = col.shape[0] - PREFETCH_AHEAD - 4
         for r in numba.prange(crow.shape[0] - 1):
+            i = _slot(out, r, numba.get_thread_id())
             start = bias[r] if use_bias else _f32(0.0)
             for b in range(batch):
-                out[r, b] = start
+                acc[i, b] = start
             k, end = crow[r], crow[r + 1]
             while k + 3 < end:
                 if k < last:
@@ -86,14 +158,17 @@ if numba is not None:
                     v0, v1, v2, v3 = vals[k], vals[k + 1], vals[k + 2], vals[k + 3]
                 c0, c1, c2, c3 = col[k], col[k + 1], col[k + 2], col[k + 3]
                 for b in range(batch):
-                    out[r, b] += (v0 * xt[c0, b] + v1 * xt[c1, b]) + (v2 * xt[c2, b] + v3 * xt[c3, b])
+                    acc[i, b] += (v0 * _load(xt[c0, b]) + v1 * _load(xt[c1, b])) + (
+                        v2 * _load(xt[c2, b]) + v3 * _load(xt[c3, b])
+                    )
                 k += 4
             while k < end:
                 v0 = vals[perm[k]] if use_perm else vals[k]
                 c0 = col[k]
                 for b in range(batch):
-                    out[r, b] += v0 * xt[c0, b]
+                    acc[i, b] += v0 * _load(xt[c0, b])
                 k += 1
+            _flush(out, r, acc, i)
 
     @numba.njit(parallel=True, cache=True, nogil=True)
     def _transpose(a, out):  # pragma: no cover  (compiled)
@@ -127,7 +202,7 @@ if numba is not None:
             if use_row_sums:
                 total = _f32(0.0)
                 for b in range(batch):
-                    total += gt[r, b]
+                    total += _load(gt[r, b])
                 row_sums[r] = total
             k, end = crow[r], crow[r + 1]
             while k + 3 < end:
@@ -137,18 +212,18 @@ if numba is not None:
                 c0, c1, c2, c3 = col[k], col[k + 1], col[k + 2], col[k + 3]
                 a0, a1, a2, a3 = _f32(0.0), _f32(0.0), _f32(0.0), _f32(0.0)
                 for b in range(batch):
-                    g = gt[r, b]
-                    a0 += g * xt[c0, b]
-                    a1 += g * xt[c1, b]
-                    a2 += g * xt[c2, b]
-                    a3 += g * xt[c3, b]
+                    g = _load(gt[r, b])
+                    a0 += g * _load(xt[c0, b])
+                    a1 += g * _load(xt[c1, b])
+                    a2 += g * _load(xt[c2, b])
+                    a3 += g * _load(xt[c3, b])
                 out[k], out[k + 1], out[k + 2], out[k + 3] = a0, a1, a2, a3
                 k += 4
             while k < end:
                 c0 = col[k]
                 a0 = _f32(0.0)
                 for b in range(batch):
-                    a0 += gt[r, b] * xt[c0, b]
+                    a0 += _load(gt[r, b]) * _load(xt[c0, b])
                 out[k] = a0
                 k += 1
 
@@ -156,20 +231,22 @@ if numba is not None:
 if numba is not None:
 
     @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def _backward_t(crow_t, col_t, vals_t, gt, xt, dxt, dvals_t):  # pragma: no cover  (compiled)
+    def _backward_t(crow_t, col_t, vals_t, gt, xt, dxt, dvals_t, acc):  # pragma: no cover  (compiled)
         """Both backward products in one pass over W^T's rows (one per input feature j), with
         W^T's values vals_t in W^T's order: dxt[j] = sum_p vals_t[p] gt[col_t[p]] and
         dvals_t[p] = gt[col_t[p]] . xt[j] (dvals_t may be vals_t itself: each value is read
         before its gradient is written). Each live weight reads its gradient row once for
         both, where separate kernels read a random gradient row (dx) and a random activation
-        row (dW): one random row per weight instead of two. xt[j] and dxt[j] stay in cache for
-        the whole row, and the values are read and written in order."""
+        row (dW): one random row per weight instead of two. xt[j] and the row where dxt[j] is
+        summed (itself, acc being dxt, or the thread's row of a float32 acc when dxt is bfloat16)
+        stay in cache for the whole row; the values are read and written in order."""
         batch = xt.shape[1]
         flat = gt.reshape(-1)
         last = col_t.shape[0] - PREFETCH_AHEAD - 4
         for j in numba.prange(crow_t.shape[0] - 1):
+            i = _slot(dxt, j, numba.get_thread_id())
             for b in range(batch):
-                dxt[j, b] = _f32(0.0)
+                acc[i, b] = _f32(0.0)
             p, end = crow_t[j], crow_t[j + 1]
             while p + 3 < end:
                 if p < last:
@@ -179,9 +256,9 @@ if numba is not None:
                 w0, w1, w2, w3 = vals_t[p], vals_t[p + 1], vals_t[p + 2], vals_t[p + 3]
                 a0, a1, a2, a3 = _f32(0.0), _f32(0.0), _f32(0.0), _f32(0.0)
                 for b in range(batch):
-                    x = xt[j, b]
-                    g0, g1, g2, g3 = gt[i0, b], gt[i1, b], gt[i2, b], gt[i3, b]
-                    dxt[j, b] += (w0 * g0 + w1 * g1) + (w2 * g2 + w3 * g3)
+                    x = _load(xt[j, b])
+                    g0, g1, g2, g3 = _load(gt[i0, b]), _load(gt[i1, b]), _load(gt[i2, b]), _load(gt[i3, b])
+                    acc[i, b] += (w0 * g0 + w1 * g1) + (w2 * g2 + w3 * g3)
                     a0 += g0 * x
                     a1 += g1 * x
                     a2 += g2 * x
@@ -193,11 +270,12 @@ if numba is not None:
                 w0 = vals_t[p]
                 a0 = _f32(0.0)
                 for b in range(batch):
-                    g0 = gt[i0, b]
-                    dxt[j, b] += w0 * g0
-                    a0 += g0 * xt[j, b]
+                    g0 = _load(gt[i0, b])
+                    acc[i, b] += w0 * g0
+                    a0 += g0 * _load(xt[j, b])
                 dvals_t[p] = a0
                 p += 1
+            _flush(dxt, j, acc, i)
 
     @numba.njit(parallel=True, cache=True, nogil=True)
     def _gather(source, index, out):  # pragma: no cover  (compiled)
@@ -224,7 +302,7 @@ if numba is not None:
                 for p in range(crow_t[j], crow_t[j + 1]):
                     w, r = vals[perm[p]], col_t[p]
                     for b in range(batch):
-                        partial[c, r, b] += w * xt[j, b]
+                        partial[c, r, b] += w * _load(xt[j, b])
 
 
 FEW_ROWS = 64  # layers with at most this many outputs use _spmm_by_columns in the forward pass ...
@@ -262,20 +340,57 @@ def retain_freed_memory() -> Iterator[bool]:
         malloc_trim(0)
 
 
-def _empty(*shape: int) -> torch.Tensor:
-    """An uninitialised float32 CPU tensor for a kernel's output. numpy's allocator backs large
-    arrays with transparent huge pages where the kernel allows it (torch's does not by default),
-    so a fresh 100 MB output costs a few dozen page faults instead of tens of thousands."""
+ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)  # what the numba kernels take for activations and gradients
+
+
+def _empty(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An uninitialised CPU tensor (float32 or bfloat16) for a kernel's output. numpy's
+    allocator backs large arrays with transparent huge pages where the kernel allows it
+    (torch's does not by default), so a fresh 100 MB output costs a few dozen page faults
+    instead of tens of thousands."""
+    if dtype == torch.bfloat16:
+        return torch.from_numpy(np.empty(shape, dtype=np.int16)).view(torch.bfloat16)
     return torch.from_numpy(np.empty(shape, dtype=np.float32))
+
+
+def _sums(out: torch.Tensor) -> np.ndarray:
+    """Where a kernel sums the rows of its activation output `out`: out itself (float32), or
+    one float32 row per numba thread, rounded into out row by row (bfloat16)."""
+    if out.dtype == torch.float32:
+        return out.numpy()
+    return np.empty((numba.config.NUMBA_NUM_THREADS, out.shape[1]), dtype=np.float32)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as the numpy array the kernels take (bfloat16 as its uint16 bits)."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def _compiled(values_dtype: torch.dtype, *activations: torch.Tensor) -> bool:
+    """Whether the numba kernels take these operands: float32 values, float32 or bfloat16
+    activations, on the CPU."""
+    return (
+        backend() == "numba"
+        and values_dtype == torch.float32
+        and all(a.device.type == "cpu" and a.dtype in ACTIVATION_DTYPES for a in activations)
+    )
+
+
+def _widened(a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a in the values' dtype, for the torch.sparse path (which computes in one dtype)."""
+    return a if a.dtype == dtype else a.to(dtype)
 
 
 def transposed(a: torch.Tensor) -> torch.Tensor:
     """a^T as a contiguous tensor; free when a is already a transposed view of one."""
     if a.t().is_contiguous():
         return a.t()
-    if backend() == "numba" and a.is_contiguous() and a.device.type == "cpu" and a.dtype == torch.float32:
-        out = _empty(a.shape[1], a.shape[0])
-        _launch(_transpose, a.detach().numpy(), out.numpy())
+    if backend() == "numba" and a.is_contiguous() and a.device.type == "cpu" and a.dtype in ACTIVATION_DTYPES:
+        out = _empty(a.shape[1], a.shape[0], dtype=a.dtype)
+        _launch(_transpose, _np(a), _np(out))
         return out
     return a.t().contiguous()
 
@@ -289,51 +404,48 @@ def spmm_t(
     pattern_t: CSRArrays | None = None,
 ) -> torch.Tensor:
     """bias[:, None] + W @ xt, (rows, batch), for W = CSR(pattern, vals[pattern.perm] if the
-    pattern has a permutation else vals); xt is (columns of W, batch). Given W^T's pattern too,
-    a layer with few rows is computed column by column (see _spmm_by_columns)."""
+    pattern has a permutation else vals); xt is (columns of W, batch), and the result has its
+    dtype (a bfloat16 result is summed in float32, then rounded). Given W^T's pattern too, a
+    layer with few rows is computed column by column (see _spmm_by_columns)."""
     xt = xt.contiguous()
-    if backend() == "numba" and xt.device.type == "cpu" and xt.dtype == torch.float32:
+    if _compiled(vals.dtype, xt):
         if pattern_t is not None and pattern.perm is None and rows <= FEW_ROWS and xt.numel() >= FEW_ROWS_INPUT:
             chunks = 4 * torch.get_num_threads()
             partial = _empty(chunks, rows, xt.shape[1])
             crow_t, col_t, perm = pattern_t.numpy()
-            _launch(_spmm_by_columns, crow_t, col_t, perm, vals.detach().numpy(), xt.numpy(), partial.numpy())
+            _launch(_spmm_by_columns, crow_t, col_t, perm, _np(vals), _np(xt), _np(partial))
             out = partial.sum(0)
-            return out + bias.detach()[:, None] if bias is not None else out
-        out = _empty(rows, xt.shape[1])
+            out = out + bias.detach()[:, None] if bias is not None else out
+            return out.to(xt.dtype)
+        out = _empty(rows, xt.shape[1], dtype=xt.dtype)
         crow, col, perm = pattern.numpy()
-        bias_np = (bias if bias is not None else vals).detach().numpy()
-        _launch(
-            _spmm,
-            crow,
-            col,
-            vals.detach().numpy(),
-            perm,
-            pattern.perm is not None,
-            bias_np,
-            bias is not None,
-            xt.numpy(),
-            out.numpy(),
-        )
+        bias_np = _np(bias if bias is not None else vals)
+        use_perm, use_bias = pattern.perm is not None, bias is not None
+        args = (crow, col, _np(vals), perm, use_perm, bias_np, use_bias, _np(xt), _np(out), _sums(out))
+        _launch(_spmm, *args)
         return out
     values = vals[pattern.perm] if pattern.perm is not None else vals
-    out = torch.sparse.mm(_csr(pattern.crow, pattern.col, values, (rows, xt.shape[0])), xt)
-    return out + bias.detach()[:, None] if bias is not None else out
+    matrix = _csr(pattern.crow, pattern.col, values.detach(), (rows, xt.shape[0]))
+    out = torch.sparse.mm(matrix, _widened(xt, vals.dtype))
+    out = out + bias.detach()[:, None] if bias is not None else out
+    return out.to(xt.dtype)
 
 
 def sddmm(
-    pattern: CSRArrays, gt: torch.Tensor, xt: torch.Tensor, row_sums: bool = False
+    pattern: CSRArrays, gt: torch.Tensor, xt: torch.Tensor, row_sums: bool = False, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """(gt @ xt^T) at the positions of the pattern, in pattern order; gt is (rows, batch).
-    With row_sums, also gt.sum(1) (a Linear's bias gradient), as a second result."""
+    """(gt @ xt^T) at the positions of the pattern, in pattern order, as `dtype` (the values');
+    gt is (rows, batch). With row_sums, also gt.sum(1) (a Linear's bias gradient), as a second
+    result. Sums run in float32 at least, whatever the activations' dtype."""
     gt, xt = gt.contiguous(), xt.contiguous()
-    if backend() == "numba" and xt.device.type == "cpu" and xt.dtype == torch.float32:
+    if _compiled(dtype, gt, xt):
         out = _empty(pattern.col.numel())
         sums = _empty(gt.shape[0] if row_sums else 0)
         crow, col, _ = pattern.numpy()
-        _launch(_sddmm, crow, col, gt.numpy(), xt.numpy(), out.numpy(), sums.numpy(), row_sums)
+        _launch(_sddmm, crow, col, _np(gt), _np(xt), _np(out), _np(sums), row_sums)
         return (out, sums) if row_sums else out
-    zeros = torch.zeros(pattern.col.numel(), dtype=xt.dtype, device=xt.device)
+    gt, xt = _widened(gt, dtype), _widened(xt, dtype)
+    zeros = torch.zeros(pattern.col.numel(), dtype=dtype, device=xt.device)
     weights = _csr(pattern.crow, pattern.col, zeros, (gt.shape[0], xt.shape[0]))
     out = torch.sparse.sampled_addmm(weights, gt, xt.t().contiguous(), beta=0.0).values()
     return (out, gt.sum(1)) if row_sums else out
@@ -342,24 +454,25 @@ def sddmm(
 def backward_t(
     pattern: CSRArrays, pattern_t: CSRArrays, vals: torch.Tensor, gt: torch.Tensor, xt: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both backward products of y^T = W xt: (W^T gt, (gt xt^T) at W's positions, in W's
-    order). With the numba kernels: the values are gathered into W^T's order, one pass over
-    W^T's pattern computes both products, and the weight gradient is gathered back into W's
-    order. (Reading and writing the values through the permutation inside the pass, at random
-    places in arrays far larger than the caches, was 1.1-1.25x slower in a 333k x 333k layer;
-    two plain gathers cost less.) spmm_t + sddmm otherwise."""
+    """Both backward products of y^T = W xt: (W^T gt, in gt's dtype; (gt xt^T) at W's
+    positions, in W's order, in the values' dtype). With the numba kernels: the values are
+    gathered into W^T's order, one pass over W^T's pattern computes both products, and the
+    weight gradient is gathered back into W's order. (Reading and writing the values through
+    the permutation inside the pass, at random places in arrays far larger than the caches,
+    was 1.1-1.25x slower in a 333k x 333k layer; two plain gathers cost less.) spmm_t + sddmm
+    otherwise."""
     gt, xt = gt.contiguous(), xt.contiguous()
-    if backend() == "numba" and xt.device.type == "cpu" and xt.dtype == torch.float32:
+    if _compiled(vals.dtype, gt, xt):
         nnz = pattern.col.numel()
-        dxt = _empty(xt.shape[0], xt.shape[1])
+        dxt = _empty(xt.shape[0], xt.shape[1], dtype=gt.dtype)
         in_t_order, dvals = _empty(nnz), _empty(nnz)  # the kernel overwrites each value with its gradient
         crow_t, col_t, perm = pattern_t.numpy()
-        _launch(_gather, vals.detach().numpy(), perm, in_t_order.numpy())
+        _launch(_gather, _np(vals), perm, in_t_order.numpy())
         work = in_t_order.numpy()
-        _launch(_backward_t, crow_t, col_t, work, gt.numpy(), xt.numpy(), dxt.numpy(), work)
+        _launch(_backward_t, crow_t, col_t, work, _np(gt), _np(xt), _np(dxt), work, _sums(dxt))
         _launch(_gather, work, pattern_t.inverse(), dvals.numpy())
         return dxt, dvals
-    return spmm_t(pattern_t, vals, gt, xt.shape[0]), sddmm(pattern, gt, xt)
+    return spmm_t(pattern_t, vals, gt, xt.shape[0]), sddmm(pattern, gt, xt, dtype=vals.dtype)
 
 
 def inverse_dtype(nnz: int) -> torch.dtype:

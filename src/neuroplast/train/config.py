@@ -18,6 +18,7 @@ from neuroplast.sparse import BACKENDS, DISTRIBUTIONS
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("cosine", "step", "constant")
 DEVICES = ("cpu", "cuda", "auto")
+PRECISIONS = ("float32", "bfloat16")  # activations; weights and optimizer state are float32 either way
 
 
 class ConfigError(ValueError):
@@ -67,6 +68,7 @@ class RunConfig:
     dense_first: bool = False
     dense_last: bool = False
     backend: str = "masked"
+    precision: str = "float32"  # bfloat16: activations under torch.autocast (weights stay float32)
     # DST algorithm overrides (None: the preset's value)
     drop_fraction: float | None = None  # SET's zeta, RigL's alpha
     update_every: int | None = None  # steps between updates (SET default: one epoch)
@@ -107,6 +109,7 @@ class RunConfig:
             "method": METHODS,
             "distribution": DISTRIBUTIONS,
             "backend": BACKENDS,
+            "precision": PRECISIONS,
             "optimizer": OPTIMIZERS,
             "lr_schedule": LR_SCHEDULES,
             "device": DEVICES,

@@ -91,14 +91,27 @@ def layer_report(model: nn.Module, topology: Topology | None) -> list[dict]:
     return [{"name": name, "density": 1.0, "nnz": m.weight.numel()} for name, m in select_layers(model).items()]
 
 
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """The autocast context of a run's precision (a no-op for float32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int = 1000):
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    device: torch.device,
+    batch_size: int = 1000,
+    precision: str = "float32",
+):
     model.eval()
     loss_sum, correct = 0.0, 0
     for xb, yb in BatchIterator(x, y, batch_size):
         xb, yb = xb.to(device), yb.to(device)
-        logits = model(xb)
-        loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
+        with autocast(device, precision):
+            logits = model(xb)
+        loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum").item()
         correct += int((logits.argmax(1) == yb).sum())
     return loss_sum / len(y), correct / len(y)
 
@@ -186,8 +199,9 @@ class Run:
             task = progress.add_task(f"epoch {self.epoch + 1}/{self.config.epochs}", total=len(self.batches), info="")
         for i, (xb, yb) in enumerate(self.batches):
             xb, yb = xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
-            logits = self.model(xb)
-            loss = F.cross_entropy(logits, yb)
+            with autocast(self.device, self.config.precision):
+                logits = self.model(xb)
+                loss = F.cross_entropy(logits, yb)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -359,7 +373,9 @@ def train(
             updates_before = len(run.engine.history) if run.engine else 0
             train_loss, train_acc = run.train_epoch(bar)
             train_seconds = time.perf_counter() - start
-            test_loss, test_acc = evaluate(run.model, run.data.x_test, run.data.y_test, run.device)
+            test_loss, test_acc = evaluate(
+                run.model, run.data.x_test, run.data.y_test, run.device, precision=config.precision
+            )
             seconds = time.perf_counter() - start
             run.epoch += 1
             run.seconds += seconds
