@@ -36,6 +36,8 @@ from neuroplast.dst import DSTEngine, preset
 from neuroplast.sparse import retain_freed_memory
 from neuroplast.sparse.csr import CSRLinear
 from neuroplast.sparse.topology import Topology
+from neuroplast.train.config import PRECISIONS
+from neuroplast.train.trainer import autocast
 
 
 def peak_rss_gib() -> float:
@@ -54,7 +56,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=0, help="train on the first N images only (0: all)")
     parser.add_argument(
         "--precision",
-        choices=["float32", "bfloat16"],
+        choices=PRECISIONS,
         default="float32",
         help="activation precision (bfloat16: under torch.autocast; weights stay float32)",
     )
@@ -93,14 +95,11 @@ def main() -> None:
     # the update that a second epoch would start with is run (and timed) on its own below.
     engine = DSTEngine(topology, preset("set"), total_steps=len(batches), steps_per_epoch=len(batches))
 
-    def autocast() -> torch.autocast:
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bfloat16")
-
     start = time.perf_counter()
     report_every = max(1, len(batches) // 20)
     with retain_freed_memory() as retained:
         for step, (xb, yb) in enumerate(batches, 1):
-            with autocast():
+            with autocast(torch.device("cpu"), args.precision):
                 loss = F.cross_entropy(model(xb), yb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -120,7 +119,7 @@ def main() -> None:
     record = engine.update()
     update_seconds = time.perf_counter() - start
 
-    with torch.no_grad(), autocast():
+    with torch.no_grad(), autocast(torch.device("cpu"), args.precision):
         model.eval()
         correct = sum(
             int((model(xb).argmax(1) == yb).sum()) for xb, yb in BatchIterator(data.x_test, data.y_test, 1000)

@@ -51,9 +51,9 @@ def csr_pattern(flat: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor,
 
 
 def _bias_grad(gt: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """gt.sum(1) in the bias's dtype: summed in float32 from bfloat16 gradients. (Asking for the
-    dtype only when it differs: in a 1M-neuron MLP, sum(dtype=...) on float32 left the heap
-    0.5-1 GB larger.)"""
+    """gt.sum(1) in the bias's dtype: summed in float32 from bfloat16 gradients. The dtype is
+    asked for only when it differs: in a 1M-neuron MLP, 20 float32 training steps peaked
+    0.2-1.1 GB higher in memory with sum(1, dtype=torch.float32) than with sum(1)."""
     return gt.sum(1) if gt.dtype == dtype else gt.sum(1, dtype=dtype)
 
 
