@@ -74,7 +74,7 @@ class _SparseLinearFunction(torch.autograd.Function):
         layer: CSRLinear,
         dtype: torch.dtype,
     ) -> torch.Tensor:
-        xt = transposed(x if x.dtype == dtype else x.to(dtype))
+        xt = transposed(x.to(dtype))
         ctx.x_batch_major = not x.t().is_contiguous()  # dx goes back in x's layout: no copy for autograd
         ctx.save_for_backward(xt, values)
         ctx.layer = layer
@@ -95,7 +95,7 @@ class _SparseLinearFunction(torch.autograd.Function):
                 "after optimizer.step() (as DSTEngine.step does)"
             )
         gt = transposed(grad_output_t.t())  # free when the gradient arrives feature-major
-        gt = gt if gt.dtype == xt.dtype else gt.to(xt.dtype)
+        gt = gt.to(xt.dtype)  # a no-op unless autograd sent another dtype
         grad_x = grad_values = grad_bias = None
         bias_grad = ctx.has_bias and ctx.needs_input_grad[2]
         if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:  # one pass for both (see backward_t)

@@ -379,16 +379,11 @@ def _compiled(values_dtype: torch.dtype, *activations: torch.Tensor) -> bool:
     )
 
 
-def _widened(a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """a in the values' dtype, for the torch.sparse path (which computes in one dtype)."""
-    return a if a.dtype == dtype else a.to(dtype)
-
-
 def transposed(a: torch.Tensor) -> torch.Tensor:
     """a^T as a contiguous tensor; free when a is already a transposed view of one."""
     if a.t().is_contiguous():
         return a.t()
-    if backend() == "numba" and a.is_contiguous() and a.device.type == "cpu" and a.dtype in ACTIVATION_DTYPES:
+    if a.is_contiguous() and _compiled(torch.float32, a):
         out = _empty(a.shape[1], a.shape[0], dtype=a.dtype)
         _launch(_transpose, _np(a), _np(out))
         return out
@@ -426,7 +421,7 @@ def spmm_t(
         return out
     values = vals[pattern.perm] if pattern.perm is not None else vals
     matrix = _csr(pattern.crow, pattern.col, values.detach(), (rows, xt.shape[0]))
-    out = torch.sparse.mm(matrix, _widened(xt, vals.dtype))
+    out = torch.sparse.mm(matrix, xt.to(vals.dtype))
     out = out + bias.detach()[:, None] if bias is not None else out
     return out.to(xt.dtype)
 
@@ -444,7 +439,7 @@ def sddmm(
         crow, col, _ = pattern.numpy()
         _launch(_sddmm, crow, col, _np(gt), _np(xt), _np(out), _np(sums), row_sums)
         return (out, sums) if row_sums else out
-    gt, xt = _widened(gt, dtype), _widened(xt, dtype)
+    gt, xt = gt.to(dtype), xt.to(dtype)  # torch.sparse computes in one dtype
     zeros = torch.zeros(pattern.col.numel(), dtype=dtype, device=xt.device)
     weights = _csr(pattern.crow, pattern.col, zeros, (gt.shape[0], xt.shape[0]))
     out = torch.sparse.sampled_addmm(weights, gt, xt.t().contiguous(), beta=0.0).values()
