@@ -9,8 +9,8 @@ of 16). Dense is `torch.nn.functional.scaled_dot_product_attention`; MoBA runs i
 neuroplast's implementations, `gather` (tiles of queries, batched matmuls) and `kernel` (numba,
 query by query over the selected keys), routing included. Implementations take turns round
 after round; times are medians and each ratio (dense / the faster MoBA) is the median of
-per-round ratios. On CUDA (`--device cuda`) only `gather` runs, in bf16; `--lengths` can add
-longer sequences. Large tensors go on transparent huge pages (`THP_MEM_ALLOC_ENABLE=1`, set
+per-round ratios. On CUDA (`--device cuda`) `gather` and `flex` (FlexAttention, compiled) run,
+in bf16; `--lengths` can add longer sequences (e.g. 32768,65536,131072). Large tensors go on transparent huge pages (`THP_MEM_ALLOC_ENABLE=1`, set
 before torch is imported) for dense and MoBA alike.
 """
 
@@ -76,7 +76,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    kinds = ["dense", "gather"] + (["kernel"] if device.type == "cpu" else [])
+    kinds = ["dense", "gather"] + (["kernel"] if device.type == "cpu" else ["flex"])
     lines = [
         f"{dtype}, {device}, {torch.get_num_threads()} threads, median of {args.reps}; torch {torch.__version__}; "
         f"top-{TOP_K}, own block forced",

@@ -8,14 +8,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from neuroplast.attention import MoBAttention, inverse_order, kernels, key_convolution, moba_attention, tile_order
+import neuroplast.attention.gather as gather
+import neuroplast.attention.moba as moba_impl
+from neuroplast.attention import MoBAttention, flex, inverse_order, kernels, key_convolution, moba_attention, tile_order
 
-FAST = ["gather", "kernel"]  # the implementations held to the reference
+# the implementations held to the reference; "gather-grouped-own" is gather as it runs off the
+# CPU, with the own blocks in the groups instead of PyTorch's fused CPU attention kernel
+FAST = ["gather", "gather-grouped-own", "kernel"]
 
 
 def skip_without(implementation: str) -> None:
     if implementation == "kernel" and not kernels.available():
         pytest.skip("numba kernels not available")
+
+
+def use(implementation: str, monkeypatch) -> str:
+    """The implementation argument that runs a FAST variant (skipped where it cannot run)."""
+    skip_without(implementation)
+    if implementation == "gather-grouped-own":
+        monkeypatch.setattr(gather, "FUSED_OWN_DEVICES", ())
+        return "gather"
+    return implementation
 
 
 def rand(*shape, seed=0, grad=True):
@@ -67,8 +80,10 @@ CASES = [
 
 @pytest.mark.parametrize("n,block,top_k,causal,force_own,heads,kv_heads", CASES)
 @pytest.mark.parametrize("implementation", ["reference", *FAST])
-def test_moba_matches_the_per_query_oracle(n, block, top_k, causal, force_own, heads, kv_heads, implementation):
-    skip_without(implementation)
+def test_moba_matches_the_per_query_oracle(
+    n, block, top_k, causal, force_own, heads, kv_heads, implementation, monkeypatch
+):
+    implementation = use(implementation, monkeypatch)
     q, k, v = rand(2, heads, n, 8, seed=1), rand(2, kv_heads, n, 8, seed=2), rand(2, kv_heads, n, 8, seed=3)
     out = moba_attention(q, k, v, block, top_k, causal=causal, force_own_block=force_own, implementation=implementation)
     torch.testing.assert_close(out, oracle(q, k, v, block, top_k, causal, force_own))
@@ -77,8 +92,10 @@ def test_moba_matches_the_per_query_oracle(n, block, top_k, causal, force_own, h
 @pytest.mark.parametrize("n,block,top_k,causal,force_own,heads,kv_heads", CASES)
 @pytest.mark.parametrize("conv", [None, 3])
 @pytest.mark.parametrize("implementation", FAST)
-def test_fast_gradients_equal_the_reference(n, block, top_k, causal, force_own, heads, kv_heads, conv, implementation):
-    skip_without(implementation)
+def test_fast_gradients_equal_the_reference(
+    n, block, top_k, causal, force_own, heads, kv_heads, conv, implementation, monkeypatch
+):
+    implementation = use(implementation, monkeypatch)
     q, k, v = rand(2, heads, n, 8, seed=4), rand(2, kv_heads, n, 8, seed=5), rand(2, kv_heads, n, 8, seed=6)
     weight = rand(kv_heads, 8, conv, seed=7) if conv else None
     inputs = (q, k, v) + ((weight,) if conv else ())
@@ -91,8 +108,8 @@ def test_fast_gradients_equal_the_reference(n, block, top_k, causal, force_own, 
 
 
 @pytest.mark.parametrize("implementation", FAST)
-def test_fast_paths_pass_gradcheck(implementation):
-    skip_without(implementation)
+def test_fast_paths_pass_gradcheck(implementation, monkeypatch):
+    implementation = use(implementation, monkeypatch)
     q, k, v = rand(1, 2, 19, 4, seed=8), rand(1, 1, 19, 4, seed=9), rand(1, 1, 19, 4, seed=10)
     for causal in (True, False):
         assert torch.autograd.gradcheck(
@@ -114,8 +131,8 @@ def test_kernel_in_float32_matches_the_reference():
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("implementation", ["reference", *FAST])
-def test_top_k_covering_every_block_is_dense_attention(causal, implementation):
-    skip_without(implementation)
+def test_top_k_covering_every_block_is_dense_attention(causal, implementation, monkeypatch):
+    implementation = use(implementation, monkeypatch)
     q, k, v = rand(2, 4, 45, 8, seed=11), rand(2, 4, 45, 8, seed=12), rand(2, 4, 45, 8, seed=13)
     out = moba_attention(q, k, v, 8, 6, causal=causal, implementation=implementation)  # 6 blocks
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=causal))
@@ -177,7 +194,9 @@ def test_bad_arguments_are_named():
     k = torch.randn(1, 2, 8, 4)
     with pytest.raises(ValueError, match="not a multiple of 2 key/value heads"):
         moba_attention(q, k, k, 4, 2)
-    with pytest.raises(ValueError, match="unknown implementation 'fast'; choose from: auto, gather, kernel, reference"):
+    with pytest.raises(
+        ValueError, match="unknown implementation 'fast'; choose from: auto, flex, gather, kernel, reference"
+    ):
         moba_attention(k, k, k, 4, 2, implementation="fast")
     with pytest.raises(ValueError, match="force_own_block=False needs causal=False"):
         moba_attention(k, k, k, 4, 2, causal=True, force_own_block=False)
@@ -186,13 +205,13 @@ def test_bad_arguments_are_named():
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_gather_tile_by_tile_equals_all_tiles_at_once(monkeypatch, causal):
-    import neuroplast.attention.moba as moba
-
+@pytest.mark.parametrize("variant", ["gather", "gather-grouped-own"])
+def test_gather_group_by_group_equals_all_groups_at_once(monkeypatch, causal, variant):
+    use(variant, monkeypatch)
     q, k, v = rand(2, 4, 45, 8, seed=21), rand(2, 2, 45, 8, seed=22), rand(2, 2, 45, 8, seed=23)
     whole = moba_attention(q, k, v, 8, 3, causal=causal, implementation="gather")
     grads = torch.autograd.grad(whole.sum(), (q, k, v))
-    monkeypatch.setattr(moba, "TILE_CHUNK_SCORES", 1)  # one tile per chunk
+    monkeypatch.setattr(gather, "CHUNK_SCORES", 1)  # one group per chunk
     split = moba_attention(q, k, v, 8, 3, causal=causal, implementation="gather")
     torch.testing.assert_close(split, whole)
     for a, b in zip(torch.autograd.grad(split.sum(), (q, k, v)), grads, strict=True):
@@ -217,15 +236,126 @@ def test_routing_kernel_chooses_what_the_torch_routing_chooses(monkeypatch, caus
 
 
 def test_auto_takes_the_kernel_for_small_tiles_and_gather_for_large_ones(monkeypatch):
-    import neuroplast.attention.moba as moba
-
     if not kernels.usable(torch.zeros(1)):
         pytest.skip("numba is not available")
     taken = []
-    real_gather, real_kernel = moba._gather, kernels.moba_kernel
-    monkeypatch.setattr(moba, "_gather", lambda *a: taken.append("gather") or real_gather(*a))
+    real_gather, real_kernel = moba_impl._gather, kernels.moba_kernel
+    monkeypatch.setattr(moba_impl, "_gather", lambda *a: taken.append("gather") or real_gather(*a))
     monkeypatch.setattr(kernels, "moba_kernel", lambda *a: taken.append("kernel") or real_kernel(*a))
     small, large = rand(1, 2, 40, 16, seed=1), rand(1, 2, 200, 32, seed=2)
     moba_attention(small, small, small, 8, 2)  # blocks of 8, heads of 16
     moba_attention(large, large, large, 64, 2)  # blocks of 64, heads of 32
     assert taken == ["kernel", "gather"]
+
+
+def skip_without_flex() -> None:
+    if not flex.available():
+        pytest.skip("FlexAttention is not available in this torch")
+
+
+@pytest.mark.parametrize("n,block,top_k,causal,force_own,heads,kv_heads", CASES)
+def test_flex_forward_matches_the_per_query_oracle(n, block, top_k, causal, force_own, heads, kv_heads):
+    skip_without_flex()
+    q, k, v = (rand(2, h, n, 8, seed=s, grad=False) for h, s in ((heads, 1), (kv_heads, 2), (kv_heads, 3)))
+    out = moba_attention(q, k, v, block, top_k, causal=causal, force_own_block=force_own, implementation="flex")
+    torch.testing.assert_close(out, oracle(q, k, v, block, top_k, causal, force_own))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_flex_with_every_block_is_dense_attention(causal):
+    skip_without_flex()
+    q, k, v = (rand(1, 2, 300, 8, seed=s, grad=False) for s in (11, 12, 13))
+    out = moba_attention(q, k, v, 50, 6, causal=causal, implementation="flex")  # 6 blocks
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+
+
+@pytest.mark.parametrize("block,causal", [(128, True), (128, False), (48, True), (200, False)])
+def test_flex_block_mask_lists_every_tile_a_row_reads_and_full_tiles_only_when_whole(block, causal):
+    """Rows sorted by key block, 128-row tiles: a listed tile is read by some row, every read is
+    in a listed tile, and a "full" tile (mask_mod skipped) is read whole by all of its rows."""
+    skip_without_flex()
+    n, batch, heads = 1000, 2, 2
+    q, k = rand(batch, heads, n, 16, seed=30, grad=False), rand(batch, heads, n, 16, seed=31, grad=False)
+    chosen, valid = moba_impl.select_blocks(q, k, block, 3, causal, True)
+    row_query, lo, hi = flex.rows(n, block, chosen, valid, causal, True)
+    # each (batch x head) holds every query's own block and valid choices, sorted by block
+    assert (lo <= hi).sum().item() == batch * heads * n + int(valid.sum())
+    real_lo = torch.where(lo <= hi, lo, n)
+    assert (real_lo[:, 1:] >= real_lo[:, :-1]).all()
+    mask = flex.block_mask(lo, hi, n, batch, heads, math.ceil(block / flex.TILE) + 1)
+    width, tile = lo.shape[1], flex.TILE
+    keys = torch.arange(n)
+    reads = (keys >= lo[..., None]) & (keys <= hi[..., None])  # (BH, rows, keys)
+    tiled = lambda x, key_padding: F.pad(  # noqa: E731
+        F.pad(x, (0, -n % tile), value=key_padding), (0, 0, 0, -width % tile)
+    ).view(batch * heads, -1, tile, n // tile + 1, tile)
+    read_tiles = tiled(reads, False).any(-1).any(-2)  # (BH, q tiles, kv tiles)
+    whole_tiles = tiled(reads, True).all(-1).all(-2)  # every row reads every real key
+    listed = torch.zeros_like(read_tiles)
+    full = torch.zeros_like(read_tiles)
+    for target, count, index in (
+        (listed, mask.kv_num_blocks, mask.kv_indices),
+        (full, mask.full_kv_num_blocks, mask.full_kv_indices),
+    ):
+        count, index = count.reshape(batch * heads, -1), index.reshape(batch * heads, index.shape[-2], -1)
+        for g in range(batch * heads):
+            for t in range(count.shape[1]):
+                target[g, t, index[g, t, : count[g, t]].long()] = True
+    assert not (listed & full).any()
+    assert torch.equal(listed | full, read_tiles)
+    assert (whole_tiles[full]).all()
+    assert listed.any() and (full.any() or block < tile)
+
+
+def test_flex_refuses_to_train_on_cpu_and_auto_takes_it_where_preferred(monkeypatch):
+    skip_without_flex()
+    q = rand(1, 2, 40, 8, seed=40)
+    with pytest.raises(ValueError, match="'flex' has no backward on CPU.*use 'gather', 'kernel' or 'auto'"):
+        moba_attention(q, q, q, 8, 2, implementation="flex")
+    taken = []
+    real = flex.moba_flex
+    monkeypatch.setattr(flex, "preferred", lambda q: True)
+    monkeypatch.setattr(flex, "moba_flex", lambda *a: taken.append("flex") or real(*a))
+    with torch.no_grad():
+        out = moba_attention(q, q, q, 8, 2)
+    assert taken == ["flex"]
+    torch.testing.assert_close(out, moba_attention(q, q, q, 8, 2, implementation="reference"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("causal", [True, False])
+def test_flex_on_cuda_gradients_equal_the_reference(causal):
+    skip_without_flex()
+    q, k, v = (rand(2, 4, 300, 16, seed=s, grad=False).float().cuda().requires_grad_() for s in (50, 51, 52))
+    grads = {}
+    for name in ("reference", "flex"):
+        out = moba_attention(q, k, v, 32, 3, causal=causal, implementation=name)
+        grads[name] = (out, *torch.autograd.grad((out * out.detach().cos()).sum(), (q, k, v)))
+    for fast, reference in zip(grads["flex"], grads["reference"], strict=True):
+        torch.testing.assert_close(fast, reference, atol=2e-4, rtol=1e-3)
+
+
+F32_CASES = [
+    # n, block, top_k, causal, force_own: odd lengths, short last blocks, block lengths that are
+    # and are not multiples of the key alignment
+    (300, 32, 3, True, True),
+    (290, 20, 3, True, True),
+    (301, 24, 2, False, False),
+    (299, 40, 3, False, True),
+    (256, 64, 1, True, True),
+]
+
+
+@pytest.mark.parametrize("n,block,top_k,causal,force_own", F32_CASES)
+@pytest.mark.parametrize("implementation", FAST)
+def test_float32_outputs_and_gradients_match_the_reference(
+    n, block, top_k, causal, force_own, implementation, monkeypatch
+):
+    implementation = use(implementation, monkeypatch)
+    q, k, v = (rand(2, 4, n, 16, seed=s, grad=False).float().requires_grad_() for s in (60, 61, 62))
+    grads = {}
+    for name in ("reference", implementation):
+        out = moba_attention(q, k, v, block, top_k, causal, force_own, implementation=name)
+        grads[name] = (out, *torch.autograd.grad((out * out.detach().cos()).sum(), (q, k, v)))
+    for fast, reference in zip(grads[implementation], grads["reference"], strict=True):
+        torch.testing.assert_close(fast, reference, atol=2e-5, rtol=1e-4)

@@ -10,16 +10,16 @@ log-sum-exps.
 - non-causal (images): every block is eligible; `force_own_block` adds the own block (counting
   in k) as a locality prior.
 
-Three implementations give the same result (tests hold them to it):
+Four implementations give the same result (tests hold them to it):
 - `reference`: dense attention with the exact N x N selection mask (O(N^2); the test oracle);
-- `gather`: cost proportional to the selected blocks. Every (query, chosen block) pair, the
-  forced own block included, joins the group of its (batch x head, key block); each group is cut
-  into dense tiles of queries, and each tile is one batched matmul against its block's keys and
-  one against its values (token-causal or short-block keys masked per query). The parts of a
-  query are merged by log-sum-exp. A custom backward recomputes the scores from the saved
-  log-sum-exp (five batched matmuls); tiles are processed a chunk at a time, so memory beyond the
-  inputs is bounded by the chunk and by the (query, block) pairs.
-- `kernel` (CPU): numba kernels that walk each query's selected keys (`attention/kernels.py`).
+- `gather` (any device; `attention/gather.py`): cost proportional to the selected blocks. The
+  (query, chosen block) pairs are grouped by key block, each group a dense problem; groups are
+  sorted by size and padded per chunk, so a chunk is a few batched matmuls. On CPU the own
+  blocks run as one block-diagonal attention in PyTorch's fused kernel. The parts of a query
+  are merged by log-sum-exp; a custom backward recomputes the scores from it.
+- `kernel` (CPU): numba kernels that walk each query's selected keys (`attention/kernels.py`);
+- `flex` (the GPU path; `attention/flex.py`): FlexAttention with a BlockMask over the pairs
+  sorted by key block.
 """
 
 from __future__ import annotations
@@ -28,14 +28,10 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
-from neuroplast.attention import kernels
+from neuroplast.attention import flex, gather, kernels
 
-IMPLEMENTATIONS = ("auto", "gather", "kernel", "reference")
-TILE_ROWS = 64  # queries per dense tile in the gather path
-TILE_CHUNK_SCORES = 1 << 20  # score elements per chunk of tiles in the gather path (4 MiB in fp32)
-GPU_CHUNK_FACTOR = 64  # ... times this on a GPU (256 MiB)
+IMPLEMENTATIONS = ("auto", "flex", "gather", "kernel", "reference")
 GATHER_MIN_BLOCK, GATHER_MIN_HEAD_DIM = 64, 32  # "auto" on CPU: smaller blocks or heads take the kernel
 
 
@@ -124,9 +120,11 @@ def moba_attention(
     force_own_block: default True when causal (required there), False otherwise.
     key_conv: optional depthwise key convolution weight (Hkv, D, width), applied to the keys
     before routing and attention.
-    implementation: "gather" (tiles of queries per chosen block, batched matmuls; any device),
-    "kernel" (numba, CPU: query by query over the selected keys), "reference" (dense, exact
-    mask), or "auto" (gather, except the kernel on CPU for small blocks or narrow heads).
+    implementation: "flex" (FlexAttention over the (query, block) pairs sorted by block; the
+    GPU path, inference-only on CPU), "gather" (queries grouped by chosen block; grouped
+    products on CPU, tiles and batched matmuls elsewhere), "kernel" (numba, CPU: query by query
+    over the selected keys), "reference" (dense, exact mask), or "auto" (flex on CUDA; on CPU
+    gather, except the kernel for small blocks or narrow heads).
     """
     _check(q, k, v, block_size, top_k, implementation)
     if force_own_block is None:
@@ -140,12 +138,17 @@ def moba_attention(
     k, v = expand_kv_heads(q, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     chosen, valid = select_blocks(q.detach(), k.detach(), block_size, top_k, causal, force_own_block)
+    if implementation == "auto" and flex.preferred(q):
+        implementation = "flex"
     if implementation == "auto":
         # on CPU, gather's batched matmuls win when a tile's products are big enough (heads of
         # 64, blocks of 128: 1.4-2.4x faster than the kernel, forward+backward); the kernel wins
         # in the ViT's shapes (heads of 16, blocks of 14-16: 1.3-1.5x) (`python bench/attention.py --vit`)
         small = block_size < GATHER_MIN_BLOCK or q.shape[-1] < GATHER_MIN_HEAD_DIM
         implementation = "kernel" if small and kernels.usable(q) else "gather"
+    if implementation == "flex":
+        flex.check(q, k, v)
+        return flex.moba_flex(q, k, v, block_size, chosen, valid, causal, force_own_block, scale)
     if implementation == "reference":
         return _reference(q, k, v, block_size, chosen, valid, causal, force_own_block, scale)
     if implementation == "kernel":
@@ -191,160 +194,20 @@ def _blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """(B, H, N, D) -> (B*H, blocks, block_size, D), zero-padded."""
     batch, heads, n, dim = x.shape
     blocks = math.ceil(n / block_size)
-    return F.pad(x, (0, 0, 0, blocks * block_size - n)).reshape(batch * heads, blocks, block_size, dim)
-
-
-def _plan(n, bh, block_size, chosen, valid, causal, force_own_block, device):
-    """The tiles of the gather path. Every (query, chosen block) pair, the forced own block
-    included, joins the group of its (batch x head, key block); each group is cut into tiles of
-    TILE_ROWS queries. Pairs that may read only part of their block (the own block when causal,
-    the short last block) form groups of their own, whose tiles come first: only those
-    `masked_tiles` need their scores masked. Returns (rows, tile_group, limit, pair_tile,
-    pair_row, pair_query, masked_tiles): rows (tiles, TILE_ROWS) the query row of (BH*N) in each
-    tile slot (bh*n: a padding slot), tile_group each tile's (batch x head, key block), limit the
-    last key of the block a slot may read (the query itself in its own block when causal, the
-    last real key otherwise; -1 for padding), and for every pair its tile, slot and query row."""
-    blocks = math.ceil(n / block_size)
-    head_index, query, slot = valid.view(bh, n, -1).nonzero(as_tuple=True)
-    key_block = chosen.view(bh, n, -1)[head_index, query, slot]
-    own = torch.zeros_like(query, dtype=torch.bool)
-    if force_own_block:
-        all_heads = torch.arange(bh, device=device).repeat_interleave(n)
-        all_queries = torch.arange(n, device=device).repeat(bh)
-        head_index = torch.cat([all_heads, head_index])
-        query = torch.cat([all_queries, query])
-        key_block = torch.cat([all_queries // block_size, key_block])
-        own = torch.cat([torch.ones(bh * n, dtype=torch.bool, device=device), own])
-    last_key = (torch.clamp(n - key_block * block_size, max=block_size) - 1).to(torch.long)
-    if causal:
-        last_key = torch.where(own, query - key_block * block_size, last_key)
-    groups = bh * blocks
-    group = head_index * blocks + key_block
-    # pairs that read a whole block go to groups + group: after every partly read one
-    tiling = torch.where(last_key < block_size - 1, group, group + groups)
-    order = torch.argsort(tiling, stable=True)
-    tiling, head_index, query, last_key = (x[order] for x in (tiling, head_index, query, last_key))
-    # each group is cut into tiles of TILE_ROWS queries, so padding wastes less than one tile
-    # per group however unequal the groups are
-    counts = torch.bincount(tiling, minlength=2 * groups)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(tiling.numel(), device=device) - starts[tiling]
-    tiles_per_group = (counts + TILE_ROWS - 1) // TILE_ROWS
-    first_tile = torch.cumsum(tiles_per_group, 0) - tiles_per_group
-    pair_tile, pair_row = first_tile[tiling] + rank // TILE_ROWS, rank % TILE_ROWS
-    tile_group = torch.repeat_interleave(torch.arange(2 * groups, device=device) % groups, tiles_per_group)
-    masked_tiles = int(tiles_per_group[:groups].sum())
-    pair_query = head_index * n + query  # row of (BH*N, D)
-    tiles = tile_group.numel()
-    rows = torch.full((tiles, TILE_ROWS), bh * n, dtype=torch.long, device=device)
-    rows[pair_tile, pair_row] = pair_query
-    limit = torch.full((tiles, TILE_ROWS), -1, dtype=torch.long, device=device)
-    limit[pair_tile, pair_row] = last_key
-    return rows, tile_group, limit, pair_tile, pair_row, pair_query, masked_tiles
-
-
-def _mask_scores(s: torch.Tensor, limit: torch.Tensor) -> None:
-    """Scores of keys past each slot's limit (future keys, the short last block's padding,
-    padding slots) become -inf, in place."""
-    keys = torch.arange(s.shape[-1], device=s.device)
-    s.masked_fill_(keys > limit[..., None], float("-inf"))
-
-
-def _chunks(tiles: int, masked_tiles: int, block_size: int, device: torch.device):
-    """(start, stop, masked) ranges of tiles whose score matrices hold about TILE_CHUNK_SCORES
-    elements on CPU: the temporaries stay small enough to be reused from the heap (and warm in
-    cache) instead of being mapped, page-faulted and unmapped by the allocator on every call.
-    On a GPU, chunks are GPU_CHUNK_FACTOR times larger (fewer, larger launches). No range
-    mixes the first `masked_tiles` (whose scores need masking) with the rest."""
-    budget = TILE_CHUNK_SCORES * (1 if device.type == "cpu" else GPU_CHUNK_FACTOR)
-    step = max(1, budget // (TILE_ROWS * block_size))
-    return [
-        (start, min(start + step, stop), masked)
-        for first, stop, masked in ((0, masked_tiles, True), (masked_tiles, tiles, False))
-        for start in range(first, stop, step)
-    ]
-
-
-class _GatherFunction(torch.autograd.Function):
-    """MoBA over tiles of queries grouped by chosen key block: two batched matmuls forward,
-    five backward (scores recomputed from the saved log-sum-exp, as FlashAttention does), a
-    chunk of tiles at a time, and no autograd graph through the gathers and the merge."""
-
-    @staticmethod
-    def forward(ctx, q_rows, kb, vb, plan):
-        rows, tile_group, limit, pair_tile, pair_row, pair_query, masked_tiles = plan
-        bh_n, dim = q_rows.shape[0] - 1, q_rows.shape[1]  # q_rows ends with the padding slots' zero row
-        block_size = kb.shape[1]
-        # the pairs are in tile order: a chunk of tiles holds a contiguous range of them
-        bounds = torch.searchsorted(pair_tile, torch.arange(rows.shape[0] + 1, device=pair_tile.device)).tolist()
-        out_all = q_rows.new_empty(pair_tile.numel(), dim)
-        lse_all = q_rows.new_empty(pair_tile.numel())
-        for a, b, masked in _chunks(rows.shape[0], masked_tiles, block_size, rows.device):
-            group = tile_group[a:b]
-            s = torch.bmm(q_rows[rows[a:b]], kb[group].transpose(-1, -2))  # (tiles, TILE_ROWS, bs)
-            if masked:
-                _mask_scores(s, limit[a:b])
-            peak = s.amax(-1, keepdim=True)
-            if masked:
-                peak = peak.masked_fill_(peak == float("-inf"), 0.0)  # padding slots: no key at all
-            p = s.sub_(peak).exp_()
-            total = p.sum(-1, keepdim=True)
-            out_tiles = torch.bmm(p, vb[group]).div_(total.clamp_min_(torch.finfo(total.dtype).tiny))
-            lse_tiles = (peak + total.log()).squeeze(-1)
-            first, last = bounds[a], bounds[b]
-            tile, row = pair_tile[first:last] - a, pair_row[first:last]
-            out_all[first:last], lse_all[first:last] = out_tiles[tile, row], lse_tiles[tile, row]
-        # merge the parts of each query: L = logsumexp_p l_p, o = sum_p exp(l_p - L) o_p
-        top = lse_all.new_full((bh_n,), float("-inf")).scatter_reduce(0, pair_query, lse_all, reduce="amax")
-        total_q = lse_all.new_zeros(bh_n).index_add_(0, pair_query, (lse_all - top[pair_query]).exp())
-        lse = top + total_q.log()
-        weight = (lse_all - lse[pair_query]).exp_()
-        out = out_all.new_zeros(bh_n, dim).index_add_(0, pair_query, out_all.mul_(weight[:, None]))
-        ctx.save_for_backward(q_rows, kb, vb, out, lse, rows, tile_group, limit)
-        ctx.masked_tiles = masked_tiles
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout):
-        q_rows, kb, vb, out, lse, rows, tile_group, limit = ctx.saved_tensors
-        dim = q_rows.shape[1]
-        block_size = kb.shape[1]
-        dout = dout.contiguous()
-        pad = lambda x, value: torch.cat([x, x.new_full((1, *x.shape[1:]), value)])  # noqa: E731
-        do_rows = pad(dout, 0.0)
-        lse_rows = pad(lse, float("inf"))  # padding slots: p = 0
-        delta_rows = pad((dout * out).sum(-1), 0.0)
-        dq = torch.zeros_like(q_rows)
-        dkb, dvb = torch.zeros_like(kb), torch.zeros_like(vb)
-        for a, b, masked in _chunks(rows.shape[0], ctx.masked_tiles, block_size, rows.device):
-            chunk_rows, group = rows[a:b], tile_group[a:b]
-            q_tiles, do_tiles = q_rows[chunk_rows], do_rows[chunk_rows]
-            keys, values = kb[group], vb[group]
-            s = torch.bmm(q_tiles, keys.transpose(-1, -2))
-            if masked:
-                _mask_scores(s, limit[a:b])
-            p = s.sub_(lse_rows[chunk_rows][..., None]).exp_()
-            ds = torch.bmm(do_tiles, values.transpose(-1, -2)).sub_(delta_rows[chunk_rows][..., None]).mul_(p)
-            dq.index_add_(0, chunk_rows.reshape(-1), torch.bmm(ds, keys).reshape(-1, dim))
-            dkb.index_add_(0, group, torch.bmm(ds.transpose(-1, -2), q_tiles))
-            dvb.index_add_(0, group, torch.bmm(p.transpose(-1, -2), do_tiles))
-        return dq, dkb, dvb, None
+    if blocks * block_size != n:
+        x = F.pad(x, (0, 0, 0, blocks * block_size - n))
+    return x.reshape(batch * heads, blocks, block_size, dim)
 
 
 def _gather(q, k, v, block_size, chosen, valid, causal, force_own_block, scale) -> torch.Tensor:
     batch, heads, n, dim = q.shape
     bh, blocks = batch * heads, math.ceil(n / block_size)
-    q_rows = (_working(q) * scale).reshape(bh * n, dim)  # scaled once, not every score
-    q_rows = torch.cat([q_rows, q_rows.new_zeros(1, dim)])  # the row that padding slots read
+    if n == 0:
+        return torch.zeros_like(q)
+    q_rows = _working(q).reshape(bh * n, dim)
     kb = _blocks(_working(k), block_size).reshape(bh * blocks, block_size, dim)  # (groups, bs, D)
     vb = _blocks(_working(v), block_size).reshape(bh * blocks, block_size, dim)
-    plan = _plan(n, bh, block_size, chosen, valid, causal, force_own_block, q.device)
-    if plan[0].numel() == 0:  # an empty sequence: nothing to attend to
-        return torch.zeros_like(q)
-    # padding slots read keys too, unmasked, but their results are never used and their
-    # gradients are zero
-    out = _GatherFunction.apply(q_rows, kb, vb, plan)
+    out = gather.attention(q_rows, kb, vb, n, chosen, valid, causal, force_own_block, scale)
     return out.view(batch, heads, n, dim).to(q.dtype)
 
 

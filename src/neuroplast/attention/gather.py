@@ -1,0 +1,273 @@
+"""MoBA's gather path: attention cost proportional to the chosen blocks, on any device.
+
+- Every (query, chosen block) pair joins the group of its (batch x head, key block). A group is
+  one dense problem: its queries, gathered, against its block's keys and values, gathered once.
+  Groups are sorted by size and taken a chunk at a time; the groups of a chunk are padded to the
+  largest of them (sizes sorted, so little padding) and the chunk is a pair of batched matmuls
+  forward (five backward). A chunk holds about CHUNK_SCORES scores, so the temporaries stay
+  small and warm in cache, and memory beyond the inputs is bounded by the chunk and the pairs.
+- Pairs that may read only part of their block (the own block when causal, the short last
+  block) form groups of their own, in chunks of their own; only those chunks mask scores.
+- On CPU the own blocks (forced in causal mode) skip the groups: seen as (batch x head, block,
+  block length) views, q, k and v already hold them as one block-diagonal attention, which
+  PyTorch's fused CPU attention kernel computes, token-causal when causal, without any gather.
+- The parts of each query are merged exactly by log-sum-exp. The backward pass recomputes the
+  scores from the merged log-sum-exp (as FlashAttention does), with no autograd graph through
+  the gathers and the merge.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.autograd.function import once_differentiable
+
+CHUNK_SCORES = 1 << 20  # score elements per chunk of groups (4 MiB in fp32)
+GPU_CHUNK_FACTOR = 64  # ... times this on a GPU (256 MiB): fewer, larger launches
+ROW_ALIGNMENT = 8  # a chunk's groups are padded to a multiple of this many queries
+FUSED_OWN_DEVICES = ("cpu",)  # where the own blocks run in PyTorch's fused attention kernel
+
+
+def fused_own(device: torch.device) -> bool:
+    return device.type in FUSED_OWN_DEVICES and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+class Plan:
+    """The groups of one call, chunk by chunk. `rows` (slots,) is the query row (of BH*N) in each
+    slot of the padded groups (BH*N: a padding slot, which reads a zero row), `limit` (slots,)
+    the last key of its block a slot may read (-1 for padding), `block` the key block (of
+    BH*blocks) of each group; `chunks` lists (first slot, first group, groups, rows per group,
+    masked)."""
+
+    def __init__(self, n, bh, block_size, chosen, valid, causal, own_in_groups, device):
+        blocks = math.ceil(n / block_size)
+        groups = bh * blocks
+        head, query, slot = valid.view(bh, n, -1).nonzero(as_tuple=True)
+        key_block = chosen.view(bh, n, -1)[head, query, slot]
+        own = torch.zeros_like(query, dtype=torch.bool)
+        if own_in_groups:
+            all_queries = torch.arange(n, device=device).repeat(bh)
+            head = torch.cat([torch.arange(bh, device=device).repeat_interleave(n), head])
+            query = torch.cat([all_queries, query])
+            key_block = torch.cat([all_queries // block_size, key_block])
+            own = torch.cat([torch.ones(bh * n, dtype=torch.bool, device=device), own])
+        last_key = torch.clamp(n - key_block * block_size, max=block_size) - 1
+        if causal:
+            last_key = torch.where(own, query - key_block * block_size, last_key)
+        # groups [0, groups) read part of their block, [groups, 2 groups) all of it
+        group = head * blocks + key_block + torch.where(last_key < block_size - 1, 0, groups)
+        counts = torch.bincount(group, minlength=2 * groups)
+        # masked groups first, each kind largest first, empty groups last
+        partial = torch.arange(2 * groups, device=device) < groups
+        key = counts + torch.where(partial & (counts > 0), counts.max() + 1, 0)
+        order = torch.argsort(key, descending=True, stable=True)
+        sizes, kinds = counts[order].tolist(), partial[order].tolist()
+        budget = CHUNK_SCORES * (1 if device.type == "cpu" else GPU_CHUNK_FACTOR)
+        self.chunks, group_slot = [], []
+        first, slots = 0, 0
+        while first < len(sizes) and sizes[first] > 0:
+            masked = kinds[first]
+            rows = -(-sizes[first] // ROW_ALIGNMENT) * ROW_ALIGNMENT
+            stop = min(first + max(1, budget // (rows * block_size)), len(sizes))
+            while stop > first + 1 and (sizes[stop - 1] == 0 or kinds[stop - 1] != masked):
+                stop -= 1
+            self.chunks.append((slots, first, stop - first, rows, masked))
+            group_slot.extend(range(slots, slots + (stop - first) * rows, rows))
+            slots += (stop - first) * rows
+            first = stop
+        used = len(group_slot)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel(), device=device)
+        pair_rank = rank[group]
+        by_rank = torch.argsort(pair_rank, stable=True)
+        pair_rank, pair_row = pair_rank[by_rank], (head * n + query)[by_rank]
+        start = torch.cumsum(counts[order], 0) - counts[order]
+        within = torch.arange(pair_rank.numel(), device=device) - start[pair_rank]
+        slot_of_pair = torch.tensor(group_slot, dtype=torch.long, device=device)[pair_rank] + within
+        self.rows = torch.full((slots,), bh * n, dtype=torch.long, device=device)
+        self.rows[slot_of_pair] = pair_row
+        self.limit = torch.full((slots,), -1, dtype=torch.long, device=device)
+        self.limit[slot_of_pair] = last_key[by_rank]
+        self.block = order[:used] % groups
+        self.slots = slots
+
+
+def _mask_scores(s: torch.Tensor, limit: torch.Tensor) -> None:
+    """Scores of keys past each slot's limit (future keys, the short last block's padding,
+    padding slots) become -inf, in place."""
+    keys = torch.arange(s.shape[-1], device=s.device)
+    s.masked_fill_(keys > limit[..., None], float("-inf"))
+
+
+def _own_parts(n: int, block_size: int) -> list[tuple[int, int, int, int]]:
+    """(first token, first block, blocks, block length): the full blocks, then a short last one."""
+    full = n // block_size
+    parts = [(0, 0, full, block_size)] if full else []
+    if n % block_size:
+        parts.append((full * block_size, full, 1, n % block_size))
+    return parts
+
+
+def _tokens(x: torch.Tensor, part) -> torch.Tensor:
+    """x (BH, N, ...) -> the part's tokens as a (BH, blocks, length, ...) view."""
+    start, _, count, length = part
+    return x[:, start : start + count * length].unflatten(1, (count, length))
+
+
+def _keys(xb: torch.Tensor, part) -> torch.Tensor:
+    """xb (BH, blocks, block_size, ...) -> the part's blocks as a (BH, blocks, length, ...) view."""
+    _, first, count, length = part
+    return xb[:, first : first + count, :length]
+
+
+def _own_forward(q, kb, vb, n, block_size, causal) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of every query to its own block: (out (BH, N, D), log-sum-exp (BH, N)). q (BH,
+    N, D) is already scaled; kb, vb (BH, blocks, block_size, D)."""
+    parts = _own_parts(n, block_size)
+    results = [
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            _tokens(q, part), _keys(kb, part), _keys(vb, part), 0.0, causal, scale=1.0
+        )
+        for part in parts
+    ]
+    if len(parts) == 1 and parts[0][3] == block_size:  # whole blocks only: laid out as q
+        out, lse = results[0]
+        return out.flatten(1, 2), lse.flatten(1, 2)
+    out, lse = q.new_empty(q.shape), q.new_empty(q.shape[:2])
+    for part, (o, l) in zip(parts, results, strict=True):
+        _tokens(out, part).copy_(o)
+        _tokens(lse, part).copy_(l)
+    return out, lse
+
+
+def _own_backward(dout, q, kb, vb, out, lse, n, block_size, causal) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The own blocks' share of the gradients, dq (BH, N, D), dkb and dvb (BH, blocks,
+    block_size, D), from the merged output and log-sum-exp (split-softmax gradient)."""
+    parts = _own_parts(n, block_size)
+    results = [
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            _tokens(dout, part),
+            _tokens(q, part),
+            _keys(kb, part),
+            _keys(vb, part),
+            _tokens(out, part),
+            _tokens(lse, part).contiguous(),
+            0.0,
+            causal,
+            scale=1.0,
+        )  # fmt: skip
+        for part in parts
+    ]
+    if len(parts) == 1 and parts[0][3] == block_size:
+        dq, dkb, dvb = results[0]
+        return dq.flatten(1, 2), dkb, dvb
+    dq, dkb, dvb = q.new_zeros(q.shape), kb.new_zeros(kb.shape), vb.new_zeros(vb.shape)
+    for part, (dq_part, dk_part, dv_part) in zip(parts, results, strict=True):
+        _tokens(dq, part).copy_(dq_part)
+        _keys(dkb, part).copy_(dk_part)
+        _keys(dvb, part).copy_(dv_part)
+    return dq, dkb, dvb
+
+
+def _pad_row(x: torch.Tensor, value: float) -> torch.Tensor:
+    """x with one more row (of `value`) at the end: the row padding slots read."""
+    return torch.cat([x, x.new_full((1, *x.shape[1:]), value)])
+
+
+class _GatherFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q_rows, kb, vb, plan: Plan, own, scale):
+        """q_rows (BH*N, D); kb, vb (BH*blocks, block_size, D), zero-padded; own: (n, causal)
+        when the own blocks run fused, else None."""
+        bh_n, dim = q_rows.shape
+        block_size = kb.shape[1]
+        q_padded = q_rows.new_empty(bh_n + 1, dim)  # scaled once, plus the zero row of padding slots
+        torch.mul(q_rows, scale, out=q_padded[:-1])
+        q_padded[-1] = 0.0
+        q_rows = q_padded[:-1]
+        out_slots = q_rows.new_empty(plan.slots, dim)
+        lse_slots = q_rows.new_empty(plan.slots)
+        for start, first, count, rows, masked in plan.chunks:
+            stop, block = start + count * rows, plan.block[first : first + count]
+            s = torch.bmm(q_padded[plan.rows[start:stop].view(count, rows)], kb[block].transpose(1, 2))
+            if masked:
+                _mask_scores(s, plan.limit[start:stop].view(count, rows))
+            peak = s.amax(-1, keepdim=True)
+            if masked:
+                peak = peak.masked_fill_(peak == float("-inf"), 0.0)  # padding slots: no key at all
+            p = s.sub_(peak).exp_()
+            total = p.sum(-1, keepdim=True)
+            out = torch.bmm(p, vb[block], out=out_slots[start:stop].view(count, rows, dim))
+            out.div_(total.clamp_min_(torch.finfo(total.dtype).tiny))
+            torch.add(peak, total.log_(), out=lse_slots[start:stop].view(count, rows, 1))
+        if own is None:
+            own_out, own_lse = q_padded.new_zeros(bh_n + 1, dim), q_padded.new_full((bh_n + 1,), float("-inf"))
+        else:
+            n, causal = own
+            bh = bh_n // n
+            blocks = kb.shape[0] // bh
+            blocked = lambda x: x.view(bh, blocks, block_size, dim)  # noqa: E731
+            own_out, own_lse = _own_forward(q_rows.view(bh, n, dim), blocked(kb), blocked(vb), n, block_size, causal)
+            own_out, own_lse = _pad_row(own_out.reshape(bh_n, dim), 0.0), _pad_row(own_lse.reshape(bh_n), float("-inf"))
+        # merge the parts of each query: L = logsumexp_p l_p, o = sum_p exp(l_p - L) o_p; the
+        # padding slots all land in the extra last row
+        target = plan.rows
+        top = own_lse.clone().scatter_reduce_(0, target, lse_slots, reduce="amax")
+        top[-1] = 0.0
+        total_q = (own_lse - top).exp_().index_add_(0, target, (lse_slots - top[target]).exp_())
+        lse = top.add_(total_q.log_())
+        out = own_out.mul_((own_lse - lse).exp_()[:, None])
+        out.index_add_(0, target, out_slots.mul_((lse_slots - lse[target]).exp_()[:, None]))
+        out, lse = out[:-1], lse[:-1]
+        ctx.save_for_backward(q_padded, kb, vb, out, lse)
+        ctx.plan, ctx.own, ctx.scale = plan, own, scale
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        q_padded, kb, vb, out, lse = ctx.saved_tensors
+        plan, own = ctx.plan, ctx.own
+        q_rows = q_padded[:-1]
+        bh_n, dim = q_rows.shape
+        block_size = kb.shape[1]
+        dout = dout.contiguous()
+        if own is None:
+            dq, dkb, dvb = q_rows.new_zeros(bh_n + 1, dim), torch.zeros_like(kb), torch.zeros_like(vb)
+        else:  # the own blocks' gradients are the starting point
+            n, causal = own
+            bh = bh_n // n
+            blocks = kb.shape[0] // bh
+            blocked = lambda x: x.view(bh, blocks, block_size, dim)  # noqa: E731
+            rows_of = lambda x: x.view(bh, n, *x.shape[1:])  # noqa: E731
+            dq, dkb, dvb = _own_backward(
+                rows_of(dout), rows_of(q_rows), blocked(kb), blocked(vb), rows_of(out), rows_of(lse),
+                n, block_size, causal,
+            )  # fmt: skip
+            dq, dkb, dvb = _pad_row(dq.reshape(bh_n, dim), 0.0), dkb.reshape(kb.shape), dvb.reshape(vb.shape)
+        do_padded = _pad_row(dout, 0.0)
+        lse_padded = _pad_row(lse, float("inf"))  # padding slots: p = 0
+        delta_padded = _pad_row((dout * out).sum(-1), 0.0)
+        for start, first, count, rows, masked in plan.chunks:
+            stop, block = start + count * rows, plan.block[first : first + count]
+            index = plan.rows[start:stop].view(count, rows)
+            q_chunk, do_chunk, keys, values = q_padded[index], do_padded[index], kb[block], vb[block]
+            s = torch.bmm(q_chunk, keys.transpose(1, 2))
+            if masked:
+                _mask_scores(s, plan.limit[start:stop].view(count, rows))
+            p = s.sub_(lse_padded[index][..., None]).exp_()
+            ds = torch.bmm(do_chunk, values.transpose(1, 2)).sub_(delta_padded[index][..., None]).mul_(p)
+            dq.index_add_(0, index.view(-1), torch.bmm(ds, keys).view(-1, dim))
+            dkb.index_add_(0, block, torch.bmm(ds.transpose(1, 2), q_chunk))
+            dvb.index_add_(0, block, torch.bmm(p.transpose(1, 2), do_chunk))
+        return dq[:-1].mul_(ctx.scale), dkb, dvb, None, None, None
+
+
+def attention(q_rows, kb, vb, n, chosen, valid, causal, force_own_block, scale) -> torch.Tensor:
+    """MoBA's gather path. q_rows (BH*N, D); kb, vb (BH*blocks, block_size, D), zero-padded;
+    chosen, valid from the routing. Returns (BH*N, D)."""
+    bh, block_size = q_rows.shape[0] // n, kb.shape[1]
+    fused = force_own_block and fused_own(q_rows.device)
+    plan = Plan(n, bh, block_size, chosen, valid, causal, force_own_block and not fused, q_rows.device)
+    return _GatherFunction.apply(q_rows, kb, vb, plan, (n, causal) if fused else None, scale)
