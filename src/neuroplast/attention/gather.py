@@ -35,10 +35,10 @@ def fused_own(device: torch.device) -> bool:
 
 class Plan:
     """The groups of one call, chunk by chunk. `rows` (slots,) is the query row (of BH*N) in each
-    slot of the padded groups (BH*N: a padding slot, which reads a zero row), `limit` (slots,)
-    the last key of its block a slot may read (-1 for padding), `block` the key block (of
-    BH*blocks) of each group; `chunks` lists (first slot, first group, groups, rows per group,
-    masked)."""
+    slot of the padded groups, `padding` (slots,) marks the slots that only pad a group (they
+    read row 0 and count for nothing), `limit` (slots,) the last key of its block a slot may
+    read (-1 for padding), `block` the key block (of BH*blocks) of each group; `chunks` lists
+    (first slot, first group, groups, rows per group, masked)."""
 
     def __init__(self, n, bh, block_size, chosen, valid, causal, own_in_groups, device):
         blocks = math.ceil(n / block_size)
@@ -85,8 +85,10 @@ class Plan:
         start = torch.cumsum(counts[order], 0) - counts[order]
         within = torch.arange(pair_rank.numel(), device=device) - start[pair_rank]
         slot_of_pair = torch.tensor(group_slot, dtype=torch.long, device=device)[pair_rank] + within
-        self.rows = torch.full((slots,), bh * n, dtype=torch.long, device=device)
+        self.rows = torch.zeros(slots, dtype=torch.long, device=device)
         self.rows[slot_of_pair] = pair_row
+        self.padding = torch.ones(slots, dtype=torch.bool, device=device)
+        self.padding[slot_of_pair] = False
         self.limit = torch.full((slots,), -1, dtype=torch.long, device=device)
         self.limit[slot_of_pair] = last_key[by_rank]
         self.block = order[:used] % groups
@@ -170,11 +172,6 @@ def _own_backward(dout, q, kb, vb, out, lse, n, block_size, causal) -> tuple[tor
     return dq, dkb, dvb
 
 
-def _pad_row(x: torch.Tensor, value: float) -> torch.Tensor:
-    """x with one more row (of `value`) at the end: the row padding slots read."""
-    return torch.cat([x, x.new_full((1, *x.shape[1:]), value)])
-
-
 class _GatherFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_rows, kb, vb, plan: Plan, own, scale):
@@ -182,15 +179,12 @@ class _GatherFunction(torch.autograd.Function):
         when the own blocks run fused, else None."""
         bh_n, dim = q_rows.shape
         block_size = kb.shape[1]
-        q_padded = q_rows.new_empty(bh_n + 1, dim)  # scaled once, plus the zero row of padding slots
-        torch.mul(q_rows, scale, out=q_padded[:-1])
-        q_padded[-1] = 0.0
-        q_rows = q_padded[:-1]
+        q_rows = q_rows * scale  # scaled once, not every score
         out_slots = q_rows.new_empty(plan.slots, dim)
         lse_slots = q_rows.new_empty(plan.slots)
         for start, first, count, rows, masked in plan.chunks:
             stop, block = start + count * rows, plan.block[first : first + count]
-            s = torch.bmm(q_padded[plan.rows[start:stop].view(count, rows)], kb[block].transpose(1, 2))
+            s = torch.bmm(q_rows[plan.rows[start:stop].view(count, rows)], kb[block].transpose(1, 2))
             if masked:
                 _mask_scores(s, plan.limit[start:stop].view(count, rows))
             peak = s.amax(-1, keepdim=True)
@@ -201,40 +195,37 @@ class _GatherFunction(torch.autograd.Function):
             out = torch.bmm(p, vb[block], out=out_slots[start:stop].view(count, rows, dim))
             out.div_(total.clamp_min_(torch.finfo(total.dtype).tiny))
             torch.add(peak, total.log_(), out=lse_slots[start:stop].view(count, rows, 1))
+        lse_slots.masked_fill_(plan.padding, float("-inf"))  # padding slots weigh nothing
         if own is None:
-            own_out, own_lse = q_padded.new_zeros(bh_n + 1, dim), q_padded.new_full((bh_n + 1,), float("-inf"))
+            own_out, own_lse = q_rows.new_zeros(bh_n, dim), q_rows.new_full((bh_n,), float("-inf"))
         else:
             n, causal = own
             bh = bh_n // n
             blocks = kb.shape[0] // bh
             blocked = lambda x: x.view(bh, blocks, block_size, dim)  # noqa: E731
             own_out, own_lse = _own_forward(q_rows.view(bh, n, dim), blocked(kb), blocked(vb), n, block_size, causal)
-            own_out, own_lse = _pad_row(own_out.reshape(bh_n, dim), 0.0), _pad_row(own_lse.reshape(bh_n), float("-inf"))
-        # merge the parts of each query: L = logsumexp_p l_p, o = sum_p exp(l_p - L) o_p; the
-        # padding slots all land in the extra last row
+            own_out, own_lse = own_out.reshape(bh_n, dim), own_lse.reshape(bh_n)
+        # merge the parts of each query: L = logsumexp_p l_p, o = sum_p exp(l_p - L) o_p
         target = plan.rows
         top = own_lse.clone().scatter_reduce_(0, target, lse_slots, reduce="amax")
-        top[-1] = 0.0
         total_q = (own_lse - top).exp_().index_add_(0, target, (lse_slots - top[target]).exp_())
         lse = top.add_(total_q.log_())
         out = own_out.mul_((own_lse - lse).exp_()[:, None])
         out.index_add_(0, target, out_slots.mul_((lse_slots - lse[target]).exp_()[:, None]))
-        out, lse = out[:-1], lse[:-1]
-        ctx.save_for_backward(q_padded, kb, vb, out, lse)
+        ctx.save_for_backward(q_rows, kb, vb, out, lse)
         ctx.plan, ctx.own, ctx.scale = plan, own, scale
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
-        q_padded, kb, vb, out, lse = ctx.saved_tensors
+        q_rows, kb, vb, out, lse = ctx.saved_tensors
         plan, own = ctx.plan, ctx.own
-        q_rows = q_padded[:-1]
         bh_n, dim = q_rows.shape
         block_size = kb.shape[1]
         dout = dout.contiguous()
         if own is None:
-            dq, dkb, dvb = q_rows.new_zeros(bh_n + 1, dim), torch.zeros_like(kb), torch.zeros_like(vb)
+            dq, dkb, dvb = torch.zeros_like(q_rows), torch.zeros_like(kb), torch.zeros_like(vb)
         else:  # the own blocks' gradients are the starting point
             n, causal = own
             bh = bh_n // n
@@ -245,23 +236,22 @@ class _GatherFunction(torch.autograd.Function):
                 rows_of(dout), rows_of(q_rows), blocked(kb), blocked(vb), rows_of(out), rows_of(lse),
                 n, block_size, causal,
             )  # fmt: skip
-            dq, dkb, dvb = _pad_row(dq.reshape(bh_n, dim), 0.0), dkb.reshape(kb.shape), dvb.reshape(vb.shape)
-        do_padded = _pad_row(dout, 0.0)
-        lse_padded = _pad_row(lse, float("inf"))  # padding slots: p = 0
-        delta_padded = _pad_row((dout * out).sum(-1), 0.0)
+            dq, dkb, dvb = dq.reshape(bh_n, dim), dkb.reshape(kb.shape), dvb.reshape(vb.shape)
+        delta = torch.bmm(dout.view(-1, 1, dim), out.view(-1, dim, 1)).view(-1)  # rowwise dout . out
         for start, first, count, rows, masked in plan.chunks:
             stop, block = start + count * rows, plan.block[first : first + count]
             index = plan.rows[start:stop].view(count, rows)
-            q_chunk, do_chunk, keys, values = q_padded[index], do_padded[index], kb[block], vb[block]
+            q_chunk, do_chunk, keys, values = q_rows[index], dout[index], kb[block], vb[block]
             s = torch.bmm(q_chunk, keys.transpose(1, 2))
             if masked:
                 _mask_scores(s, plan.limit[start:stop].view(count, rows))
-            p = s.sub_(lse_padded[index][..., None]).exp_()
-            ds = torch.bmm(do_chunk, values.transpose(1, 2)).sub_(delta_padded[index][..., None]).mul_(p)
+            lse_chunk = lse[index].masked_fill_(plan.padding[start:stop].view(count, rows), float("inf"))
+            p = s.sub_(lse_chunk[..., None]).exp_()  # padding slots: p = 0
+            ds = torch.bmm(do_chunk, values.transpose(1, 2)).sub_(delta[index][..., None]).mul_(p)
             dq.index_add_(0, index.view(-1), torch.bmm(ds, keys).view(-1, dim))
             dkb.index_add_(0, block, torch.bmm(ds.transpose(1, 2), q_chunk))
             dvb.index_add_(0, block, torch.bmm(p.transpose(1, 2), do_chunk))
-        return dq[:-1].mul_(ctx.scale), dkb, dvb, None, None, None
+        return dq.mul_(ctx.scale), dkb, dvb, None, None, None
 
 
 def attention(q_rows, kb, vb, n, chosen, valid, causal, force_own_block, scale) -> torch.Tensor:
