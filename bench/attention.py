@@ -1,22 +1,29 @@
 """MoBA vs dense attention: forward and forward+backward time, fp32, in one process.
 
-    python bench/attention.py [--lengths 1024,4096,16384] [--vit] [--reps 5] [--threads 2] [--out results.md]
+    python bench/attention.py [--lengths 1024,4096,16384] [--vit] [--reps 5] [--threads 2]
+                              [--no-keep-memory] [--out results.md]
 
 Long sequences: 8 heads, head dim 64, block 128, top-3 blocks, batch 1; causal and non-causal.
 `--vit` adds the shapes of the ViT's attention over Fashion-MNIST patches (batch 128, 4 heads,
 head dim 16, non-causal, own block forced, top-3; 196 tokens in blocks of 14 and 784 in blocks
 of 16). Dense is `torch.nn.functional.scaled_dot_product_attention`; MoBA runs in both of
-neuroplast's implementations, `gather` (tiles of queries, batched matmuls) and `kernel` (numba,
-query by query over the selected keys), routing included. Implementations take turns round
-after round; times are medians and each ratio (dense / the faster MoBA) is the median of
-per-round ratios. On CUDA (`--device cuda`) `gather` and `flex` (FlexAttention, compiled) run,
-in bf16; `--lengths` can add longer sequences (e.g. 32768,65536,131072). Large tensors go on transparent huge pages (`THP_MEM_ALLOC_ENABLE=1`, set
-before torch is imported) for dense and MoBA alike.
+neuroplast's CPU implementations, `gather` (queries grouped by chosen block, batched matmuls)
+and `kernel` (numba, query by query over the selected keys), routing included. Implementations
+take turns round after round; times are medians and each ratio (dense / the faster MoBA) is the
+median of per-round ratios. On CUDA (`--device cuda`) `gather` and `flex` (FlexAttention,
+compiled) run, in bf16; `--lengths` can add longer sequences (e.g. 32768,65536,131072).
+
+Memory, for dense and MoBA alike: large tensors go on transparent huge pages
+(`THP_MEM_ALLOC_ENABLE=1`, set before torch is imported), and glibc keeps freed memory in the
+process (mallopt: no mmap below 1 GiB, no trimming), as a caching allocator such as jemalloc or
+tcmalloc would, so a call reuses pages instead of faulting fresh ones in after the other
+implementation's turn. `--no-keep-memory` leaves glibc's defaults.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import statistics
 import time
@@ -30,6 +37,17 @@ from neuroplast.attention import moba_attention
 
 HEADS, HEAD_DIM, BLOCK, TOP_K = 8, 64, 128, 3
 VIT_SHAPES = [(196, 14), (784, 16)]  # tokens, block (a square tile of the patch grid)
+
+
+def keep_freed_memory() -> bool:
+    """glibc: serve blocks under 1 GiB from the heap and never trim it, so freed memory stays in
+    the process for the next allocation. False where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
 
 
 def run(kind: str, q, k, v, causal: bool, backward: bool, block: int) -> None:
@@ -71,15 +89,17 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-keep-memory", action="store_true", help="leave glibc's allocation defaults")
     parser.add_argument("--out")
     args = parser.parse_args()
+    kept = not args.no_keep_memory and keep_freed_memory()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     kinds = ["dense", "gather"] + (["kernel"] if device.type == "cpu" else ["flex"])
     lines = [
         f"{dtype}, {device}, {torch.get_num_threads()} threads, median of {args.reps}; torch {torch.__version__}; "
-        f"top-{TOP_K}, own block forced",
+        f"top-{TOP_K}, own block forced; freed memory {'kept in the process' if kept else 'returned (glibc defaults)'}",
         "",
         "| batch x heads x head dim | sequence | block | mask | pass | "
         + " | ".join(f"{kind} ms" for kind in kinds)
