@@ -62,16 +62,15 @@ class Plan:
         partial = torch.arange(2 * groups, device=device) < groups
         key = counts + torch.where(partial & (counts > 0), counts.max() + 1, 0)
         order = torch.argsort(key, descending=True, stable=True)
-        sizes, kinds = counts[order].tolist(), partial[order].tolist()
+        sizes = counts[order].tolist()
+        masked_groups, filled = int((partial & (counts > 0)).sum()), int((counts > 0).sum())
         budget = CHUNK_SCORES * (1 if device.type == "cpu" else GPU_CHUNK_FACTOR)
         self.chunks, group_slot = [], []
         first, slots = 0, 0
-        while first < len(sizes) and sizes[first] > 0:
-            masked = kinds[first]
+        while first < filled:  # a chunk: groups of one kind, padded to the first (largest)
+            masked = first < masked_groups
             rows = -(-sizes[first] // ROW_ALIGNMENT) * ROW_ALIGNMENT
-            stop = min(first + max(1, budget // (rows * block_size)), len(sizes))
-            while stop > first + 1 and (sizes[stop - 1] == 0 or kinds[stop - 1] != masked):
-                stop -= 1
+            stop = min(first + max(1, budget // (rows * block_size)), masked_groups if masked else filled)
             self.chunks.append((slots, first, stop - first, rows, masked))
             group_slot.extend(range(slots, slots + (stop - first) * rows, rows))
             slots += (stop - first) * rows
