@@ -75,6 +75,8 @@ CASES = [
     (50, 7, 3, False, False, 3, 1),  # non-causal, own block not forced
     (45, 9, 2, False, True, 2, 2),  # non-causal, own block forced
     (64, 16, 3, False, True, 1, 1),
+    (5, 8, 2, True, True, 2, 1),  # one short block
+    (9, 8, 3, False, False, 2, 2),  # a full block and a one-token block
 ]
 
 
