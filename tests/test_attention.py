@@ -31,6 +31,17 @@ def use(implementation: str, monkeypatch) -> str:
     return implementation
 
 
+def assert_same_as_reference(implementation, q, k, v, *args, wrt=None, atol=None, rtol=None, **kwargs):
+    """MoBA's output and its gradients (of a loss that weighs every output) with respect to `wrt`
+    (default q, k, v) equal the reference implementation's."""
+    results = {}
+    for name in ("reference", implementation):
+        out = moba_attention(q, k, v, *args, implementation=name, **kwargs)
+        results[name] = (out, *torch.autograd.grad((out * out.detach().cos()).sum(), wrt or (q, k, v)))
+    for fast, reference in zip(results[implementation], results["reference"], strict=True):
+        torch.testing.assert_close(fast, reference, atol=atol, rtol=rtol)
+
+
 def rand(*shape, seed=0, grad=True):
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     return x.requires_grad_(grad)
@@ -101,12 +112,7 @@ def test_fast_gradients_equal_the_reference(
     q, k, v = rand(2, heads, n, 8, seed=4), rand(2, kv_heads, n, 8, seed=5), rand(2, kv_heads, n, 8, seed=6)
     weight = rand(kv_heads, 8, conv, seed=7) if conv else None
     inputs = (q, k, v) + ((weight,) if conv else ())
-    grads = {}
-    for name in ("reference", implementation):
-        out = moba_attention(q, k, v, block, top_k, causal, force_own, key_conv=weight, implementation=name)
-        grads[name] = (out, *torch.autograd.grad((out * out.detach().cos()).sum(), inputs))
-    for fast, reference in zip(grads[implementation], grads["reference"], strict=True):
-        torch.testing.assert_close(fast, reference)
+    assert_same_as_reference(implementation, q, k, v, block, top_k, causal, force_own, key_conv=weight, wrt=inputs)
 
 
 @pytest.mark.parametrize("implementation", FAST)
@@ -118,17 +124,6 @@ def test_fast_paths_pass_gradcheck(implementation, monkeypatch):
             lambda q, k, v, causal=causal: moba_attention(q, k, v, 4, 2, causal, implementation=implementation),
             (q, k, v),
         )
-
-
-def test_kernel_in_float32_matches_the_reference():
-    skip_without("kernel")
-    q, k, v = (rand(2, 4, 70, 16, seed=s, grad=False).float().requires_grad_() for s in (20, 21, 22))
-    grads = {}
-    for name in ("reference", "kernel"):
-        out = moba_attention(q, k, v, 16, 3, causal=False, implementation=name)
-        grads[name] = (out, *torch.autograd.grad((out * out.detach().cos()).sum(), (q, k, v)))
-    for fast, reference in zip(grads["kernel"], grads["reference"], strict=True):
-        torch.testing.assert_close(fast, reference, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -329,12 +324,7 @@ def test_flex_refuses_to_train_on_cpu_and_auto_takes_it_where_preferred(monkeypa
 def test_flex_on_cuda_gradients_equal_the_reference(causal):
     skip_without_flex()
     q, k, v = (rand(2, 4, 300, 16, seed=s, grad=False).float().cuda().requires_grad_() for s in (50, 51, 52))
-    grads = {}
-    for name in ("reference", "flex"):
-        out = moba_attention(q, k, v, 32, 3, causal=causal, implementation=name)
-        grads[name] = (out, *torch.autograd.grad((out * out.detach().cos()).sum(), (q, k, v)))
-    for fast, reference in zip(grads["flex"], grads["reference"], strict=True):
-        torch.testing.assert_close(fast, reference, atol=2e-4, rtol=1e-3)
+    assert_same_as_reference("flex", q, k, v, 32, 3, causal, atol=2e-4, rtol=1e-3)
 
 
 F32_CASES = [
@@ -355,9 +345,4 @@ def test_float32_outputs_and_gradients_match_the_reference(
 ):
     implementation = use(implementation, monkeypatch)
     q, k, v = (rand(2, 4, n, 16, seed=s, grad=False).float().requires_grad_() for s in (60, 61, 62))
-    grads = {}
-    for name in ("reference", implementation):
-        out = moba_attention(q, k, v, block, top_k, causal, force_own, implementation=name)
-        grads[name] = (out, *torch.autograd.grad((out * out.detach().cos()).sum(), (q, k, v)))
-    for fast, reference in zip(grads[implementation], grads["reference"], strict=True):
-        torch.testing.assert_close(fast, reference, atol=2e-5, rtol=1e-4)
+    assert_same_as_reference(implementation, q, k, v, block, top_k, causal, force_own, atol=2e-5, rtol=1e-4)

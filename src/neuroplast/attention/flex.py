@@ -24,6 +24,8 @@ import warnings
 
 import torch
 
+from neuroplast.attention.gather import pairs
+
 TILE = 128  # FlexAttention's tile, queries and keys
 
 _compiled = None
@@ -64,19 +66,9 @@ def rows(n, block_size, chosen, valid, causal, force_own_block):
     Rows are sorted by key block within each (batch, head)."""
     bh = chosen.shape[0] * chosen.shape[1]
     device = chosen.device
-    head, query, slot = valid.reshape(bh, n, -1).nonzero(as_tuple=True)
-    block = chosen.reshape(bh, n, -1)[head, query, slot]
-    own = torch.zeros_like(query, dtype=torch.bool)
-    if force_own_block:
-        all_queries = torch.arange(n, device=device).repeat(bh)
-        head = torch.cat([torch.arange(bh, device=device).repeat_interleave(n), head])
-        query = torch.cat([all_queries, query])
-        block = torch.cat([all_queries // block_size, block])
-        own = torch.cat([torch.ones(bh * n, dtype=torch.bool, device=device), own])
+    head, query, block, last_key = pairs(n, bh, block_size, chosen, valid, causal, force_own_block)
     lo = block * block_size
-    hi = torch.clamp(lo + block_size, max=n) - 1
-    if causal:
-        hi = torch.where(own, query, hi)
+    hi = lo + last_key
     # sort by (head, block, query): a stable sort by block, then by head
     order = torch.argsort(block * n + query, stable=True)
     order = order[torch.argsort(head[order], stable=True)]

@@ -33,6 +33,27 @@ def fused_own(device: torch.device) -> bool:
     return device.type in FUSED_OWN_DEVICES and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
+def pairs(n, bh, block_size, chosen, valid, causal, with_own):
+    """Every (query, chosen block) pair, and with `with_own` every query's own block too, as
+    (batch x head, query, key block, last key) tensors; the last key a pair may read counts
+    from its block's start: the query itself in its own block when causal, else the block's
+    last real key (short for the short last block)."""
+    device = chosen.device
+    head, query, slot = valid.reshape(bh, n, -1).nonzero(as_tuple=True)
+    key_block = chosen.reshape(bh, n, -1)[head, query, slot]
+    own = torch.zeros_like(query, dtype=torch.bool)
+    if with_own:
+        all_queries = torch.arange(n, device=device).repeat(bh)
+        head = torch.cat([torch.arange(bh, device=device).repeat_interleave(n), head])
+        query = torch.cat([all_queries, query])
+        key_block = torch.cat([all_queries // block_size, key_block])
+        own = torch.cat([torch.ones(bh * n, dtype=torch.bool, device=device), own])
+    last_key = torch.clamp(n - key_block * block_size, max=block_size) - 1
+    if causal:
+        last_key = torch.where(own, query - key_block * block_size, last_key)
+    return head, query, key_block, last_key
+
+
 class Plan:
     """The groups of one call, chunk by chunk. `rows` (slots,) is the query row (of BH*N) in each
     slot of the padded groups, `padding` (slots,) marks the slots that only pad a group (they
@@ -43,18 +64,7 @@ class Plan:
     def __init__(self, n, bh, block_size, chosen, valid, causal, own_in_groups, device):
         blocks = math.ceil(n / block_size)
         groups = bh * blocks
-        head, query, slot = valid.view(bh, n, -1).nonzero(as_tuple=True)
-        key_block = chosen.view(bh, n, -1)[head, query, slot]
-        own = torch.zeros_like(query, dtype=torch.bool)
-        if own_in_groups:
-            all_queries = torch.arange(n, device=device).repeat(bh)
-            head = torch.cat([torch.arange(bh, device=device).repeat_interleave(n), head])
-            query = torch.cat([all_queries, query])
-            key_block = torch.cat([all_queries // block_size, key_block])
-            own = torch.cat([torch.ones(bh * n, dtype=torch.bool, device=device), own])
-        last_key = torch.clamp(n - key_block * block_size, max=block_size) - 1
-        if causal:
-            last_key = torch.where(own, query - key_block * block_size, last_key)
+        head, query, key_block, last_key = pairs(n, bh, block_size, chosen, valid, causal, own_in_groups)
         # groups [0, groups) read part of their block, [groups, 2 groups) all of it
         group = head * blocks + key_block + torch.where(last_key < block_size - 1, 0, groups)
         counts = torch.bincount(group, minlength=2 * groups)
