@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 CHUNK_SCORES = 1 << 20  # score elements per chunk of groups (4 MiB in fp32)
@@ -263,10 +264,24 @@ class _GatherFunction(torch.autograd.Function):
         return dq.mul_(ctx.scale), dkb, dvb, None, None, None
 
 
-def attention(q_rows, kb, vb, n, chosen, valid, causal, force_own_block, scale) -> torch.Tensor:
-    """MoBA's gather path. q_rows (BH*N, D); kb, vb (BH*blocks, block_size, D), zero-padded;
-    chosen, valid from the routing. Returns (BH*N, D)."""
-    bh, block_size = q_rows.shape[0] // n, kb.shape[1]
-    fused = force_own_block and fused_own(q_rows.device)
-    plan = Plan(n, bh, block_size, chosen, valid, causal, force_own_block and not fused, q_rows.device)
-    return _GatherFunction.apply(q_rows, kb, vb, plan, (n, causal) if fused else None, scale)
+def attention(q, k, v, block_size, chosen, valid, causal, force_own_block, scale) -> torch.Tensor:
+    """MoBA's gather path: q, k, v (B, H, N, D) with as many key heads as query heads; chosen,
+    valid from the routing. Returns (B, H, N, D)."""
+    batch, heads, n, dim = q.shape
+    if n == 0:
+        return torch.zeros_like(q)
+    bh, blocks = batch * heads, math.ceil(n / block_size)
+    fused = force_own_block and fused_own(q.device)
+    plan = Plan(n, bh, block_size, chosen, valid, causal, force_own_block and not fused, q.device)
+    kb, vb = (_blocks(x, block_size).reshape(bh * blocks, block_size, dim) for x in (k, v))
+    out = _GatherFunction.apply(q.reshape(bh * n, dim), kb, vb, plan, (n, causal) if fused else None, scale)
+    return out.view(batch, heads, n, dim)
+
+
+def _blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(B, H, N, D) -> (B*H, blocks, block_size, D), zero-padded."""
+    batch, heads, n, dim = x.shape
+    blocks = math.ceil(n / block_size)
+    if blocks * block_size != n:
+        x = F.pad(x, (0, 0, 0, blocks * block_size - n))
+    return x.reshape(batch * heads, blocks, block_size, dim)

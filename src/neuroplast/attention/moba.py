@@ -121,10 +121,10 @@ def moba_attention(
     key_conv: optional depthwise key convolution weight (Hkv, D, width), applied to the keys
     before routing and attention.
     implementation: "flex" (FlexAttention over the (query, block) pairs sorted by block; the
-    GPU path, inference-only on CPU), "gather" (queries grouped by chosen block; grouped
-    products on CPU, tiles and batched matmuls elsewhere), "kernel" (numba, CPU: query by query
-    over the selected keys), "reference" (dense, exact mask), or "auto" (flex on CUDA; on CPU
-    gather, except the kernel for small blocks or narrow heads).
+    GPU path, inference-only on CPU), "gather" (queries grouped by chosen block, batched
+    matmuls; any device), "kernel" (numba, CPU: query by query over the selected keys),
+    "reference" (dense, exact mask), or "auto" (flex on CUDA; on CPU gather, except the kernel
+    for small blocks or narrow heads).
     """
     _check(q, k, v, block_size, top_k, implementation)
     if force_own_block is None:
@@ -190,25 +190,11 @@ def _reference(q, k, v, block_size, chosen, valid, causal, force_own_block, scal
     return (scores.softmax(-1) @ _working(v)).to(q.dtype)
 
 
-def _blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
-    """(B, H, N, D) -> (B*H, blocks, block_size, D), zero-padded."""
-    batch, heads, n, dim = x.shape
-    blocks = math.ceil(n / block_size)
-    if blocks * block_size != n:
-        x = F.pad(x, (0, 0, 0, blocks * block_size - n))
-    return x.reshape(batch * heads, blocks, block_size, dim)
-
-
 def _gather(q, k, v, block_size, chosen, valid, causal, force_own_block, scale) -> torch.Tensor:
-    batch, heads, n, dim = q.shape
-    bh, blocks = batch * heads, math.ceil(n / block_size)
-    if n == 0:
-        return torch.zeros_like(q)
-    q_rows = _working(q).reshape(bh * n, dim)
-    kb = _blocks(_working(k), block_size).reshape(bh * blocks, block_size, dim)  # (groups, bs, D)
-    vb = _blocks(_working(v), block_size).reshape(bh * blocks, block_size, dim)
-    out = gather.attention(q_rows, kb, vb, n, chosen, valid, causal, force_own_block, scale)
-    return out.view(batch, heads, n, dim).to(q.dtype)
+    out = gather.attention(
+        _working(q), _working(k), _working(v), block_size, chosen, valid, causal, force_own_block, scale
+    )
+    return out.to(q.dtype)
 
 
 def tile_order(rows: int, cols: int, tile_rows: int, tile_cols: int) -> torch.Tensor:
