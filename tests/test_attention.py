@@ -279,7 +279,7 @@ def test_flex_block_mask_lists_every_tile_a_row_reads_and_full_tiles_only_when_w
     assert (lo <= hi).sum().item() == batch * heads * n + int(valid.sum())
     real_lo = torch.where(lo <= hi, lo, n)
     assert (real_lo[:, 1:] >= real_lo[:, :-1]).all()
-    mask = flex.block_mask(lo, hi, n, batch, heads, math.ceil(block / flex.TILE) + 1)
+    mask = flex.block_mask(lo, hi, n, batch, heads, block)
     width, tile = lo.shape[1], flex.TILE
     keys = torch.arange(n)
     reads = (keys >= lo[..., None]) & (keys <= hi[..., None])  # (BH, rows, keys)

@@ -23,6 +23,7 @@ import math
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from neuroplast.attention.gather import pairs
 
@@ -85,24 +86,24 @@ def rows(n, block_size, chosen, valid, causal, force_own_block):
     return row_query, row_lo, row_hi
 
 
-def block_mask(row_lo: torch.Tensor, row_hi: torch.Tensor, n: int, batch: int, heads: int, span: int):
+def block_mask(row_lo: torch.Tensor, row_hi: torch.Tensor, n: int, batch: int, heads: int, block_size: int):
     """The BlockMask of the rearranged rows: a (query tile, key tile) pair is listed when some
     row of the query tile reads some key of the key tile, and is full when every row of the
-    query tile reads all of the key tile. span: the most key tiles one row can touch."""
+    query tile reads all of the key tile."""
     from torch.nn.attention.flex_attention import BlockMask
 
     bh, width = row_lo.shape
     device = row_lo.device
     q_tiles, kv_tiles = math.ceil(width / TILE), math.ceil(n / TILE)
     padded = q_tiles * TILE - width
-    lo = torch.nn.functional.pad(row_lo, (0, padded), value=1).long()
-    hi = torch.nn.functional.pad(row_hi, (0, padded), value=0).long()
+    lo = F.pad(row_lo, (0, padded), value=1).long()
+    hi = F.pad(row_hi, (0, padded), value=0).long()
     real = lo <= hi
     first, last = lo // TILE, hi // TILE
     touched = torch.zeros(bh, q_tiles, kv_tiles + 1, dtype=torch.bool, device=device)
     covering = torch.zeros(bh, q_tiles, kv_tiles + 1, dtype=torch.int32, device=device)
     q_tile = (torch.arange(q_tiles * TILE, device=device) // TILE).expand(bh, -1)
-    for offset in range(span):
+    for offset in range(math.ceil(block_size / TILE) + 1):  # the most key tiles one row can touch
         tile = first + offset
         hit = real & (tile <= last)
         tile = torch.where(hit, tile, kv_tiles)  # misses land in a spare column
@@ -155,8 +156,7 @@ def moba_flex(q, k, v, block_size, chosen, valid, causal, force_own_block, scale
         q, k, v = q.detach(), k.detach(), v.detach()
     row_query, row_lo, row_hi = rows(n, block_size, chosen, valid, causal, force_own_block)
     bh, width = row_query.shape
-    span = math.ceil(block_size / TILE) + 1
-    mask = block_mask(row_lo, row_hi, n, batch, heads, span)
+    mask = block_mask(row_lo, row_hi, n, batch, heads, block_size)
     q_rows = q.reshape(bh, n, dim).gather(1, row_query[..., None].expand(-1, -1, dim))
     out_rows, lse_rows = _attend(q_rows.view(batch, heads, width, dim), k, v, mask, scale)
     # merge the rows of each query: L = logsumexp of their l, o = sum exp(l - L) o

@@ -182,6 +182,11 @@ def _own_backward(dout, q, kb, vb, out, lse, n, block_size, causal) -> tuple[tor
     return dq, dkb, dvb
 
 
+def _by_head(x: torch.Tensor, bh: int) -> torch.Tensor:
+    """(BH * m, ...) -> (BH, m, ...): rows (BH*N) by token, blocks (BH*blocks) by block."""
+    return x.view(bh, -1, *x.shape[1:])
+
+
 class _GatherFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_rows, kb, vb, plan: Plan, own, scale):
@@ -211,9 +216,7 @@ class _GatherFunction(torch.autograd.Function):
         else:
             n, causal = own
             bh = bh_n // n
-            blocks = kb.shape[0] // bh
-            blocked = lambda x: x.view(bh, blocks, block_size, dim)  # noqa: E731
-            own_out, own_lse = _own_forward(q_rows.view(bh, n, dim), blocked(kb), blocked(vb), n, block_size, causal)
+            own_out, own_lse = _own_forward(*(_by_head(x, bh) for x in (q_rows, kb, vb)), n, block_size, causal)
             own_out, own_lse = own_out.reshape(bh_n, dim), own_lse.reshape(bh_n)
         # merge the parts of each query: L = logsumexp_p l_p, o = sum_p exp(l_p - L) o_p
         target = plan.rows
@@ -239,13 +242,9 @@ class _GatherFunction(torch.autograd.Function):
         else:  # the own blocks' gradients are the starting point
             n, causal = own
             bh = bh_n // n
-            blocks = kb.shape[0] // bh
-            blocked = lambda x: x.view(bh, blocks, block_size, dim)  # noqa: E731
-            rows_of = lambda x: x.view(bh, n, *x.shape[1:])  # noqa: E731
             dq, dkb, dvb = _own_backward(
-                rows_of(dout), rows_of(q_rows), blocked(kb), blocked(vb), rows_of(out), rows_of(lse),
-                n, block_size, causal,
-            )  # fmt: skip
+                *(_by_head(x, bh) for x in (dout, q_rows, kb, vb, out, lse)), n, block_size, causal
+            )
             dq, dkb, dvb = dq.reshape(bh_n, dim), dkb.reshape(kb.shape), dvb.reshape(vb.shape)
         delta = torch.bmm(dout.view(-1, 1, dim), out.view(-1, dim, 1)).view(-1)  # rowwise dout . out
         for start, first, count, rows, masked in plan.chunks:
