@@ -142,8 +142,8 @@ def moba_attention(
         implementation = "flex"
     if implementation == "auto":
         # on CPU, gather's batched matmuls win when a group's products are big enough (heads of
-        # 64, blocks of 128: 1.5-2.9x faster than the kernel); the kernel wins in the ViT's
-        # shapes (heads of 16, blocks of 14-16: 1.3-1.4x) (`python bench/attention.py --vit`)
+        # 64, blocks of 128: 1.2-2.9x faster than the kernel); the kernel wins in the ViT's
+        # shapes (heads of 16, blocks of 14-16: 1.1-1.6x) (`python bench/attention.py --vit`)
         small = block_size < GATHER_MIN_BLOCK or q.shape[-1] < GATHER_MIN_HEAD_DIM
         implementation = "kernel" if small and kernels.usable(q) else "gather"
     if implementation == "flex":
