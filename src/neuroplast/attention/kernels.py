@@ -46,7 +46,9 @@ if numba is not None:
     @numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
     def _forward(q, k, v, sel, count, block_size, causal, scales, out, lse):  # pragma: no cover  (compiled)
         tasks, n, dim = q.shape
-        scale = scales[0]  # in the inputs' dtype: a Python float would make every score float64
+        # scale and zero in the inputs' dtype: a Python float, or float32 * int, would make the
+        # arithmetic float64
+        scale, zero = scales[0], scales[1]
         width = sel.shape[2] * block_size
         for task in numba.prange(tasks):
             scores = np.empty(width, q.dtype)
@@ -57,20 +59,21 @@ if numba is not None:
                 for s in range(count[task, t]):  # pass 1: the scores of the selected keys
                     start, end = _keys(sel[task, t, s], own, t, block_size, n, causal)
                     for j in range(start, end):
-                        dot = q[task, t, 0] * k[task, j, 0]
-                        for d in range(1, dim):
+                        dot = zero
+                        for d in range(dim):
                             dot += q[task, t, d] * k[task, j, d]
                         scores[used] = dot * scale
                         used += 1
-                m = scores[0]  # in the inputs' precision, like everything here
+                m = scores[0]
                 for u in range(1, used):
                     m = max(m, scores[u])
-                total = scores[0] * 0
+                total = zero
                 for u in range(used):
-                    scores[u] = np.exp(scores[u] - m)
-                    total += scores[u]
+                    e = np.exp(scores[u] - m)
+                    scores[u] = e
+                    total += e
                 for d in range(dim):
-                    acc[d] = 0.0
+                    acc[d] = zero
                 used = 0
                 for s in range(count[task, t]):  # pass 2: softmax weights times values
                     start, end = _keys(sel[task, t, s], own, t, block_size, n, causal)
@@ -86,33 +89,35 @@ if numba is not None:
     @numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
     def _backward(q, k, v, sel, count, block_size, causal, scales, out, lse, dout, dq, dk, dv):  # pragma: no cover
         tasks, n, dim = q.shape
-        scale = scales[0]
+        scale, zero = scales[0], scales[1]
         for task in numba.prange(tasks):
+            acc = np.empty(dim, q.dtype)
             for j in range(n):
                 for d in range(dim):
-                    dk[task, j, d] = 0.0
-                    dv[task, j, d] = 0.0
+                    dk[task, j, d] = zero
+                    dv[task, j, d] = zero
             for t in range(n):
                 own = t // block_size
-                delta = dout[task, t, 0] * out[task, t, 0]
-                for d in range(1, dim):
-                    delta += dout[task, t, d] * out[task, t, d]
+                delta = zero
                 for d in range(dim):
-                    dq[task, t, d] = 0.0
+                    delta += dout[task, t, d] * out[task, t, d]
+                    acc[d] = zero
                 for s in range(count[task, t]):
                     start, end = _keys(sel[task, t, s], own, t, block_size, n, causal)
                     for j in range(start, end):
-                        dot = q[task, t, 0] * k[task, j, 0]
-                        dp = dout[task, t, 0] * v[task, j, 0]
-                        for d in range(1, dim):
+                        dot = zero
+                        dp = zero
+                        for d in range(dim):
                             dot += q[task, t, d] * k[task, j, d]
                             dp += dout[task, t, d] * v[task, j, d]
                         p = np.exp(dot * scale - lse[task, t])
                         ds = p * (dp - delta) * scale
                         for d in range(dim):
                             dv[task, j, d] += p * dout[task, t, d]
-                            dq[task, t, d] += ds * k[task, j, d]
+                            acc[d] += ds * k[task, j, d]
                             dk[task, j, d] += ds * q[task, t, d]
+                for d in range(dim):
+                    dq[task, t, d] = acc[d]
 
 
 if numba is not None:
@@ -126,6 +131,8 @@ if numba is not None:
         blocks, c = centroids_t.shape[2], chosen.shape[2]
         for task in numba.prange(tasks):
             scores = np.empty(blocks, q.dtype)
+            top_block = np.empty(c, np.int64)
+            top_score = np.empty(c, q.dtype)
             for t in range(n):
                 own = t // block_size
                 limit = own if causal else blocks  # causal: blocks entirely in the past
@@ -135,22 +142,50 @@ if numba is not None:
                     qd = q[task, t, d]
                     for b in range(limit):
                         scores[b] += qd * centroids_t[task, d, b]
-                for i in range(c):
-                    chosen[task, t, i] = -1
-                    best[task, t, i] = -np.inf
+                filled = 0  # the list so far, best first, in locals: one compare per block
                 for b in range(limit):
                     if force_own_block and b == own:
                         continue
                     score = scores[b]
-                    if chosen[task, t, c - 1] >= 0 and score <= best[task, t, c - 1]:
+                    if filled == c and score <= top_score[c - 1]:
                         continue
-                    i = c - 1  # insert, keeping the list sorted best first
-                    while i > 0 and (chosen[task, t, i - 1] < 0 or score > best[task, t, i - 1]):
-                        chosen[task, t, i] = chosen[task, t, i - 1]
-                        best[task, t, i] = best[task, t, i - 1]
+                    i = min(filled, c - 1)  # insert, keeping the list sorted best first
+                    while i > 0 and score > top_score[i - 1]:
+                        top_block[i] = top_block[i - 1]
+                        top_score[i] = top_score[i - 1]
                         i -= 1
-                    chosen[task, t, i] = b
-                    best[task, t, i] = score
+                    top_block[i] = b
+                    top_score[i] = score
+                    filled = min(filled + 1, c)
+                for i in range(c):
+                    chosen[task, t, i] = top_block[i] if i < filled else -1
+                    best[task, t, i] = top_score[i] if i < filled else -np.inf
+
+    @numba.njit(parallel=True, cache=True, nogil=True)
+    def _selections(chosen, valid, block_size, blocks, force_own_block, sel, count):  # pragma: no cover  (compiled)
+        """sel[task, t] = the valid chosen blocks and the own block (when forced) in increasing
+        order, then `blocks` as padding; count[task, t] = how many are real."""
+        tasks, n, c = chosen.shape
+        width = sel.shape[2]
+        for task in numba.prange(tasks):
+            for t in range(n):
+                used = 0
+                if force_own_block:
+                    sel[task, t, 0] = t // block_size
+                    used = 1
+                for i in range(c):
+                    if not valid[task, t, i]:
+                        continue
+                    b = chosen[task, t, i]
+                    j = used  # insertion sort of at most a few entries
+                    while j > 0 and sel[task, t, j - 1] > b:
+                        sel[task, t, j] = sel[task, t, j - 1]
+                        j -= 1
+                    sel[task, t, j] = b
+                    used += 1
+                count[task, t] = used
+                for j in range(used, width):
+                    sel[task, t, j] = blocks
 
 
 def route(q: torch.Tensor, centroids: torch.Tensor, block_size: int, count: int, causal: bool, force_own_block: bool):
@@ -172,16 +207,12 @@ def selections(chosen: torch.Tensor, valid: torch.Tensor, block_size: int, force
     """(sel, count) for the kernels: sel (tasks, N, S) int32 holds each query's blocks in
     increasing order (its own block among them when forced), count (tasks, N) how many are real."""
     batch, heads, n, c = chosen.shape
+    sel = torch.empty(batch * heads, n, c + int(force_own_block), dtype=torch.int32)
+    count = torch.empty(batch * heads, n, dtype=torch.int32)
+    flat = lambda x: x.reshape(batch * heads, n, c).contiguous().numpy()  # noqa: E731
     blocks = -(-n // block_size)
-    picks = torch.where(valid, chosen, blocks)
-    if force_own_block:
-        own = (torch.arange(n, device=chosen.device) // block_size).expand(batch, heads, n)
-        picks = torch.cat([picks, own[..., None]], dim=-1)
-    picks = picks.sort(dim=-1).values
-    count = (picks < blocks).sum(-1)
-    return picks.reshape(batch * heads, n, -1).to(torch.int32).contiguous(), count.reshape(batch * heads, n).to(
-        torch.int32
-    )
+    launch(_selections, flat(chosen), flat(valid), block_size, blocks, force_own_block, sel.numpy(), count.numpy())
+    return sel, count
 
 
 class MoBAFunction(torch.autograd.Function):
@@ -192,7 +223,7 @@ class MoBAFunction(torch.autograd.Function):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:2], dtype=q.dtype)
-        scales = np.array([scale], dtype=q.numpy().dtype)  # the inputs' dtype (see _forward)
+        scales = np.array([scale, 0], dtype=q.numpy().dtype)  # the inputs' dtype (see _forward)
         args = (sel.numpy(), count.numpy(), block_size, causal, scales, out.numpy(), lse.numpy())
         launch(_forward, q.numpy(), k.numpy(), v.numpy(), *args)
         ctx.save_for_backward(q, k, v, sel, count, out, lse)
