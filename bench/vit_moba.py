@@ -1,11 +1,14 @@
 """Dense vs MoBA attention in a ViT on Fashion-MNIST: accuracy and training seconds per epoch.
 
-    python bench/vit_moba.py [--epochs 5] [--train 60000] [--patches 2,1] [--hybrid 1] [--threads 2] [--out results.md]
+    python bench/vit_moba.py [--epochs 5] [--train 60000] [--patches 2,1] [--seeds 0,1] [--hybrid 1] [--threads 2]
+                             [--out results.md]
 
 For each patch size (2: 14x14 = 196 tokens, 1: 28x28 = 784 tokens) the same ViT (dim 64, depth
-4, 4 heads, mean pooling, AdamW 1e-3, cosine, batch 128, seed 0) is trained with dense attention
-and with MoBA (non-causal, own block forced, blocks = square tiles of the patch grid: 14 tokens
-(2x7) at patch 2, 16 tokens (4x4) at patch 1; top-3), one after the other in this process.
+4, 4 heads, mean pooling, AdamW 1e-3, cosine, batch 128) is trained with dense attention and
+with MoBA (non-causal, own block forced, blocks = square tiles of the patch grid: 14 tokens (2x7)
+at patch 2, 16 tokens (4x4) at patch 1; top-3), one after the other in this process, once per
+seed (`--seeds`; the models of a seed start from the same seed). The table gives the mean test
+accuracy over the seeds, each seed's, and the mean of the per-seed differences from dense.
 `--train N` trains on the first N training images (all 10,000 test images are always scored).
 `--hybrid L` adds a third model: MoBA with its last L layers on dense attention.
 """
@@ -35,53 +38,67 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=60_000, help="training images used")
     parser.add_argument("--patches", default="2,1")
     parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds; each model runs once per seed")
     parser.add_argument("--hybrid", type=int, default=0, help="also MoBA with the last L layers dense (0: no)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out")
     args = parser.parse_args()
+    seeds = [int(seed) for seed in args.seeds.split(",")]
     torch.set_num_threads(args.threads)
     data = load_dataset("fashion-mnist")
     data = replace(data, x_train=data.x_train[: args.train], y_train=data.y_train[: args.train])
     lines = [
         f"Fashion-MNIST ({len(data.y_train)} training images, 10,000 test), ViT dim 64 depth 4 heads 4, "
-        f"{args.epochs} epochs, AdamW 1e-3, batch 128, {torch.get_num_threads()} threads; s/epoch = median training "
-        "time of the epochs after the first",
+        f"{args.epochs} epochs, AdamW 1e-3, batch 128, {torch.get_num_threads()} threads, seeds {args.seeds}; "
+        "s/epoch = median training time of the epochs after the first, over all seeds",
         "",
-        "| tokens | attention | block x top-k | test accuracy (%) | s/epoch | MoBA speed-up |",
-        "|---|---|---|---|---|---|",
+        "| tokens | attention | block x top-k | test accuracy (%) | per seed | vs dense (pp) | s/epoch | MoBA speed-up |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
     for patch in [int(p) for p in args.patches.split(",")]:
-        results = {}
+        accuracies: dict[str, list[float]] = {}
+        seconds: dict[str, list[float]] = {}
         models = [("dense", 0), ("moba", 0)] + ([("moba", args.hybrid)] if args.hybrid else [])
-        for attention, full_layers in models:
-            config = RunConfig(
-                dataset="fashion-mnist",
-                model="vit",
-                method="dense",
-                attention=attention,
-                full_layers=full_layers,
-                patch_size=patch,
-                block_size=BLOCKS[patch],
-                top_k=args.top_k,
-                epochs=args.epochs,
-                batch_size=128,
-                optimizer="adamw",
-                lr=1e-3,
-                weight_decay=0.05,
-                lr_schedule="cosine",
-                seed=0,
-            )
-            seconds: list[float] = []
-            summary = train(config, progress=True, log=None, dataset=data, on_epoch_end=record_into(seconds))
-            per_epoch = statistics.median(seconds[1:] or seconds)
-            name = attention if not full_layers else f"moba, last {full_layers} dense"
-            results[name] = (summary["final_test_accuracy"], per_epoch)
+        for seed in seeds:
+            for attention, full_layers in models:
+                config = RunConfig(
+                    dataset="fashion-mnist",
+                    model="vit",
+                    method="dense",
+                    attention=attention,
+                    full_layers=full_layers,
+                    patch_size=patch,
+                    block_size=BLOCKS[patch],
+                    top_k=args.top_k,
+                    epochs=args.epochs,
+                    batch_size=128,
+                    optimizer="adamw",
+                    lr=1e-3,
+                    weight_decay=0.05,
+                    lr_schedule="cosine",
+                    seed=seed,
+                )
+                name = attention if not full_layers else f"moba, last {full_layers} dense"
+                epoch_seconds: list[float] = []
+                summary = train(config, progress=True, log=None, dataset=data, on_epoch_end=record_into(epoch_seconds))
+                accuracies.setdefault(name, []).append(100 * summary["final_test_accuracy"])
+                seconds.setdefault(name, []).extend(epoch_seconds[1:] or epoch_seconds)
         tokens = (28 // patch) ** 2
-        for name, (accuracy, per_epoch) in results.items():
+        dense_seconds = statistics.median(seconds["dense"])
+        for name, accuracy in accuracies.items():
+            per_epoch = statistics.median(seconds[name])
             shape = f"{BLOCKS[patch]} x {args.top_k}" if name != "dense" else "—"
-            speed = f"{results['dense'][1] / per_epoch:.2f}x" if name != "dense" else ""
-            row = f"| {tokens} | {name} | {shape} | {100 * accuracy:.2f} | {per_epoch:.1f} | {speed} |"
+            per_seed = " / ".join(f"{a:.2f}" for a in accuracy)
+            if name == "dense":
+                difference = speed = ""
+            else:
+                difference = f"{statistics.mean(a - d for a, d in zip(accuracy, accuracies['dense'])):+.2f}"
+                speed = f"{dense_seconds / per_epoch:.2f}x"
+            row = (
+                f"| {tokens} | {name} | {shape} | {statistics.mean(accuracy):.2f} | {per_seed} | {difference} "
+                f"| {per_epoch:.1f} | {speed} |"
+            )
             lines.append(row)
             print(row, flush=True)
     if args.out:

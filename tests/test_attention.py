@@ -232,6 +232,21 @@ def test_routing_kernel_chooses_what_the_torch_routing_chooses(monkeypatch, caus
     assert torch.equal(picks["numba"][0], picks["torch"][0])
 
 
+@pytest.mark.parametrize("causal,force_own", [(True, True), (False, True), (False, False)])
+def test_kernel_selections_list_each_querys_blocks_in_order_with_the_own_block(causal, force_own):
+    skip_without("kernel")
+    n, block = 53, 6
+    q, k = rand(2, 3, n, 8, seed=32, grad=False), rand(2, 3, n, 8, seed=33, grad=False)
+    chosen, valid = moba_impl.select_blocks(q, k, block, 4, causal, force_own)
+    sel, count = kernels.selections(chosen, valid, block, force_own)
+    blocks = math.ceil(n / block)
+    for task, (b, h) in enumerate((b, h) for b in range(2) for h in range(3)):
+        for t in range(n):
+            expected = set(chosen[b, h, t][valid[b, h, t]].tolist()) | ({t // block} if force_own else set())
+            assert count[task, t] == len(expected)
+            assert sel[task, t].tolist() == sorted(expected) + [blocks] * (sel.shape[2] - len(expected))
+
+
 def test_auto_takes_the_kernel_for_small_tiles_and_gather_for_large_ones(monkeypatch):
     if not kernels.usable(torch.zeros(1)):
         pytest.skip("numba is not available")
