@@ -28,7 +28,7 @@ def usable(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and available()
 
 
-# fast-math without the no-infinities/no-NaNs assumptions: the running maximum starts at -inf
+# fast-math without the no-infinities/no-NaNs assumptions: infinities and NaNs follow IEEE rules
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 if numba is not None:
@@ -123,7 +123,7 @@ if numba is not None:
 if numba is not None:
 
     @numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
-    def _route(q, centroids_t, block_size, causal, force_own_block, chosen, best):  # pragma: no cover  (compiled)
+    def _route(q, centroids_t, block_size, causal, force_own_block, chosen):  # pragma: no cover  (compiled)
         """For each query t, the c = chosen.shape[2] eligible blocks with the highest q . centroid,
         best first (ties: the lower block); chosen = -1 where fewer than c blocks are eligible.
         centroids_t is (tasks, D, blocks): a query's scores are computed along the blocks."""
@@ -159,7 +159,6 @@ if numba is not None:
                     filled = min(filled + 1, c)
                 for i in range(c):
                     chosen[task, t, i] = top_block[i] if i < filled else -1
-                    best[task, t, i] = top_score[i] if i < filled else -np.inf
 
     @numba.njit(parallel=True, cache=True, nogil=True)
     def _selections(chosen, valid, block_size, blocks, force_own_block, sel, count):  # pragma: no cover  (compiled)
@@ -196,8 +195,7 @@ def route(q: torch.Tensor, centroids: torch.Tensor, block_size: int, count: int,
     qf = q.reshape(batch * heads, n, dim).contiguous()
     cf = centroids.reshape(batch * heads, blocks, dim).transpose(1, 2).contiguous()
     chosen = torch.empty(batch * heads, n, count, dtype=torch.long)
-    best = torch.empty(batch * heads, n, count, dtype=torch.float32)
-    launch(_route, qf.numpy(), cf.numpy(), block_size, causal, force_own_block, chosen.numpy(), best.numpy())
+    launch(_route, qf.numpy(), cf.numpy(), block_size, causal, force_own_block, chosen.numpy())
     valid = chosen >= 0
     chosen = chosen.clamp_min(0)
     return chosen.view(batch, heads, n, count), valid.view(batch, heads, n, count)
