@@ -6,7 +6,9 @@
 Long sequences: 8 heads, head dim 64, block 128, top-3 blocks, batch 1; causal and non-causal.
 `--vit` adds the shapes of the ViT's attention over Fashion-MNIST patches (batch 128, 4 heads,
 head dim 16, non-causal, own block forced, top-3; 196 tokens in blocks of 14 and 784 in blocks
-of 16). Dense is `torch.nn.functional.scaled_dot_product_attention`; MoBA runs in both of
+of 16), in the layout `MoBAttention` works in: q (batch, tokens, heads, dim) and keys and values
+in one (batch, tokens, 2, heads, dim) tensor, as the projections give them; dense attention and
+`gather` take head views of them, `kernel` reads them as they are (`moba_attention_packed`). Dense is `torch.nn.functional.scaled_dot_product_attention`; MoBA runs in both of
 neuroplast's CPU implementations, `gather` (queries grouped by chosen block, batched matmuls)
 and `kernel` (numba, query by query over the selected keys), routing included. Implementations
 take turns round after round; times are medians and each ratio (dense / the faster MoBA) is the
@@ -33,7 +35,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # read by torch at its first
 import torch
 import torch.nn.functional as F
 
-from neuroplast.attention import moba_attention
+from neuroplast.attention import moba_attention, moba_attention_packed
 
 HEADS, HEAD_DIM, BLOCK, TOP_K = 8, 64, 128, 3
 VIT_SHAPES = [(196, 14), (784, 16)]  # tokens, block (a square tile of the patch grid)
@@ -50,14 +52,25 @@ def keep_freed_memory() -> bool:
         return False
 
 
-def run(kind: str, q, k, v, causal: bool, backward: bool, block: int) -> None:
+def heads_of(inputs):
+    """(q, k, v) as (batch, heads, tokens, dim): the tensors themselves, or views of (q, kv)."""
+    if len(inputs) == 3:
+        return inputs
+    q, kv = inputs
+    return q.transpose(1, 2), kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+
+
+def run(kind: str, inputs, causal: bool, backward: bool, block: int) -> None:
     if kind == "dense":
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        out = F.scaled_dot_product_attention(*heads_of(inputs), is_causal=causal)
+    elif kind == "kernel" and len(inputs) == 2:
+        out = moba_attention_packed(*inputs, block, TOP_K, causal=causal, force_own_block=True, implementation=kind)
     else:
+        q, k, v = heads_of(inputs)
         out = moba_attention(q, k, v, block, TOP_K, causal=causal, force_own_block=True, implementation=kind)
     if backward:
         out.backward(torch.ones_like(out))
-        for t in (q, k, v):
+        for t in inputs:
             t.grad = None
 
 
@@ -66,17 +79,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_all(kinds, q, k, v, causal: bool, backward: bool, reps: int, device, block: int) -> dict[str, list[float]]:
+def time_all(kinds, inputs, causal: bool, backward: bool, reps: int, device, block: int) -> dict[str, list[float]]:
     samples = {kind: [] for kind in kinds}
     context = torch.enable_grad() if backward else torch.no_grad()
     with context:
         for kind in samples:
-            run(kind, q, k, v, causal, backward, block)  # warm-up
+            run(kind, inputs, causal, backward, block)  # warm-up
         for _ in range(reps):
             for kind in samples:
                 sync(device)
                 start = time.perf_counter()
-                run(kind, q, k, v, causal, backward, block)
+                run(kind, inputs, causal, backward, block)
                 sync(device)
                 samples[kind].append((time.perf_counter() - start) * 1e3)
     return samples
@@ -107,16 +120,19 @@ def main() -> None:
         "|---" * (6 + len(kinds)) + "|",
     ]
     print("\n".join(lines), flush=True)
-    cases = [(1, HEADS, HEAD_DIM, int(n), BLOCK, causal) for n in args.lengths.split(",") for causal in (True, False)]
+    cases = [
+        (1, HEADS, HEAD_DIM, int(n), BLOCK, causal, False) for n in args.lengths.split(",") for causal in (True, False)
+    ]
     if args.vit:
-        cases += [(128, 4, 16, n, block, False) for n, block in VIT_SHAPES]
-    for batch, heads, dim, n, block, causal in cases:
+        cases += [(128, 4, 16, n, block, False, True) for n, block in VIT_SHAPES]
+    for batch, heads, dim, n, block, causal, projected in cases:
         g = torch.Generator(device="cpu").manual_seed(0)
-        q, k, v = (torch.randn(batch, heads, n, dim, generator=g).to(device, dtype) for _ in range(3))
+        shapes = [(batch, n, heads, dim), (batch, n, 2, heads, dim)] if projected else [(batch, heads, n, dim)] * 3
+        inputs = [torch.randn(*shape, generator=g).to(device, dtype) for shape in shapes]
         for backward in (False, True):
-            for t in (q, k, v):
+            for t in inputs:
                 t.requires_grad_(backward)
-            samples = time_all(kinds, q, k, v, causal, backward, args.reps, device, block)
+            samples = time_all(kinds, inputs, causal, backward, args.reps, device, block)
             fastest = [min(values) for values in zip(*(samples[kind] for kind in kinds[1:]))]
             ratio = statistics.median(d / m for d, m in zip(samples["dense"], fastest))
             times = " | ".join(f"{statistics.median(samples[kind]):.1f}" for kind in kinds)

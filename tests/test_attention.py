@@ -135,6 +135,29 @@ def test_top_k_covering_every_block_is_dense_attention(causal, implementation, m
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=causal))
 
 
+@pytest.mark.parametrize("implementation", ["kernel", "gather", "reference"])
+@pytest.mark.parametrize("causal,conv", [(True, None), (False, None), (False, 3)])
+def test_packed_layout_equals_head_views(implementation, causal, conv, monkeypatch):
+    """moba_attention_packed on (B, N, H, D) and (B, N, 2, Hkv, D) is moba_attention on the head
+    views of them: the same output and the same gradients (the kernel reads the layout as it is)."""
+    implementation = use(implementation, monkeypatch)
+    q, kv = rand(2, 37, 4, 8, seed=40), rand(2, 37, 2, 2, 8, seed=41)
+    weight = rand(2, 8, conv, seed=42) if conv else None
+    packed = moba_impl.moba_attention_packed(q, kv, 8, 3, causal=causal, key_conv=weight, implementation=implementation)
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    heads = moba_attention(q.transpose(1, 2), k, v, 8, 3, causal=causal, key_conv=weight, implementation=implementation)
+    torch.testing.assert_close(packed, heads.transpose(1, 2))
+    wrt = (q, kv) + ((weight,) if conv else ())
+    for a, b in zip(
+        torch.autograd.grad((packed * packed.detach().cos()).sum(), wrt),
+        torch.autograd.grad((heads.transpose(1, 2) * packed.detach().cos()).sum(), wrt),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match=r"must be \(B, N, H, D\)"):
+        moba_impl.moba_attention_packed(q, kv[:, :, 0], 8, 3)
+
+
 def test_causal_routing_never_looks_ahead():
     """Changing future tokens changes no earlier output (future blocks are never chosen, and the
     own block is masked token by token)."""
@@ -251,9 +274,9 @@ def test_auto_takes_the_kernel_for_small_tiles_and_gather_for_large_ones(monkeyp
     if not kernels.usable(torch.zeros(1)):
         pytest.skip("numba is not available")
     taken = []
-    real_gather, real_kernel = moba_impl._gather, kernels.moba_kernel
+    real_gather, real_kernel = moba_impl._gather, kernels.attention
     monkeypatch.setattr(moba_impl, "_gather", lambda *a: taken.append("gather") or real_gather(*a))
-    monkeypatch.setattr(kernels, "moba_kernel", lambda *a: taken.append("kernel") or real_kernel(*a))
+    monkeypatch.setattr(kernels, "attention", lambda *a: taken.append("kernel") or real_kernel(*a))
     small, large = rand(1, 2, 40, 16, seed=1), rand(1, 2, 200, 32, seed=2)
     moba_attention(small, small, small, 8, 2)  # blocks of 8, heads of 16
     moba_attention(large, large, large, 64, 2)  # blocks of 64, heads of 32

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
+from neuroplast.attention import inverse_order
 from neuroplast.models import ViT, build_model
 from neuroplast.models.vit import square_tile
 from neuroplast.train import ConfigError, RunConfig, train
@@ -34,6 +37,23 @@ def test_moba_vit_covering_every_block_equals_the_dense_vit():
         (1, 8, 8), 10, patch_size=1, dim=16, depth=2, heads=2, attention="moba", block_size=16, top_k=2, full_layers=1
     )
     assert hybrid.blocks[1].attention.full and not hybrid.blocks[0].attention.full
+
+
+def test_tile_order_once_per_forward_equals_reordering_in_every_layer():
+    """The ViT puts its tokens in tile order once; reordering inside each MoBA layer (and back)
+    gives the same model."""
+    torch.manual_seed(0)
+    once = ViT((1, 8, 8), 10, patch_size=1, dim=16, depth=3, heads=2, attention="moba", block_size=16, top_k=2)
+    once.blocks[2].attention.full = True  # a dense last layer too
+    per_layer = copy.deepcopy(once)
+    per_layer.order = None
+    for block in per_layer.blocks:
+        block.attention.order, block.attention.restore = once.order, inverse_order(once.order)
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(once(x), per_layer(x), atol=1e-5, rtol=1e-5)
+    ordered = once.order.view(4, 16)  # four blocks of 16 tokens
+    rows, cols = ordered // 8, ordered % 8
+    assert ((rows.amax(1) - rows.amin(1)) == 3).all() and ((cols.amax(1) - cols.amin(1)) == 3).all()  # 4x4 tiles
 
 
 def test_square_tiles_and_bad_blocks():
@@ -75,12 +95,8 @@ def test_vit_with_moba_trains_from_the_config(tmp_path):
     )
     summary = train(config, tmp_path, progress=False, log=None)
     assert summary["final_test_accuracy"] > 0.5  # 10 classes: chance is 0.1
-    assert (
-        build_model("vit", (1, 8, 8), 10, vit={"attention": "moba", "patch_size": 1, "block_size": 16})
-        .blocks[0]
-        .attention.order
-        is not None
-    )
+    built = build_model("vit", (1, 8, 8), 10, vit={"attention": "moba", "patch_size": 1, "block_size": 16})
+    assert built.order is not None  # tokens in tile order
 
 
 def test_a_config_saved_before_a_setting_existed_reads_as_its_default():

@@ -7,9 +7,13 @@ are narrow and blocks small, as in a ViT over pixel sequences (head dim 16, bloc
 These kernels skip the bookkeeping: each (batch x head) is one independent task that walks its
 queries and, for each, the keys of its selected blocks (token-causal inside the own block when
 causal), with a softmax over exactly those keys. The backward pass recomputes the scores from
-the saved log-sum-exp (as FlashAttention does) and accumulates dk, dv inside the task, so
-threads never write to the same rows.
-"""
+the saved log-sum-exp (as FlashAttention does); a task per (batch x key/value head) walks the
+query heads that share it and accumulates dk, dv itself, so threads never write to the same rows.
+
+The kernels read and write the layout of the attention projections: q (B, N, H, D), keys and
+values in one (B, N, 2, Hkv, D) tensor, the output (B, N, H, D), so a module passes its
+`linear(x).view(...)` results as they are and gets gradients in the same layout (no transposes,
+no copies). Each task first copies its keys and values into local (N, D) rows."""
 
 from __future__ import annotations
 
@@ -44,24 +48,39 @@ if numba is not None:
         return start, end
 
     @numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
-    def _forward(q, k, v, sel, count, block_size, causal, scales, out, lse):  # pragma: no cover  (compiled)
-        tasks, n, dim = q.shape
+    def _forward(q, kv, sel, count, block_size, causal, scales, out, lse):  # pragma: no cover  (compiled)
+        """q, out (B, N, H, D); kv (B, N, 2, Hkv, D): keys at [:, :, 0], values at [:, :, 1];
+        lse (B * H, N). One task per (batch, query head); it copies its keys, values and each
+        query into local rows first, so the inner loops read unit-stride memory."""
+        batch, n, heads, dim = q.shape
+        group = heads // kv.shape[3]
         # scale and zero in the inputs' dtype: a Python float, or float32 * int, would make the
         # arithmetic float64
         scale, zero = scales[0], scales[1]
         width = sel.shape[2] * block_size
-        for task in numba.prange(tasks):
+        for task in numba.prange(batch * heads):
+            b, h = task // heads, task % heads
+            g = h // group
+            keys = np.empty((n, dim), q.dtype)
+            values = np.empty((n, dim), q.dtype)
+            for j in range(n):
+                for d in range(dim):
+                    keys[j, d] = kv[b, j, 0, g, d]
+                    values[j, d] = kv[b, j, 1, g, d]
+            query = np.empty(dim, q.dtype)
             scores = np.empty(width, q.dtype)
             acc = np.empty(dim, q.dtype)
             for t in range(n):
                 own = t // block_size
+                for d in range(dim):
+                    query[d] = q[b, t, h, d]
                 used = 0
                 for s in range(count[task, t]):  # pass 1: the scores of the selected keys
                     start, end = _keys(sel[task, t, s], own, t, block_size, n, causal)
                     for j in range(start, end):
                         dot = zero
                         for d in range(dim):
-                            dot += q[task, t, d] * k[task, j, d]
+                            dot += query[d] * keys[j, d]
                         scores[used] = dot * scale
                         used += 1
                 m = scores[0]
@@ -81,43 +100,60 @@ if numba is not None:
                         p = scores[used]
                         used += 1
                         for d in range(dim):
-                            acc[d] += p * v[task, j, d]
+                            acc[d] += p * values[j, d]
                 for d in range(dim):
-                    out[task, t, d] = acc[d] / total
+                    out[b, t, h, d] = acc[d] / total
                 lse[task, t] = m + np.log(total)
 
     @numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
-    def _backward(q, k, v, sel, count, block_size, causal, scales, out, lse, dout, dq, dk, dv):  # pragma: no cover
-        tasks, n, dim = q.shape
+    def _backward(q, kv, sel, count, block_size, causal, scales, out, lse, dout, dq, dkv, dk, dv):  # pragma: no cover
+        """The gradients dq (as q) and dkv (as kv). One task per (batch, key/value head), which
+        walks the query heads of its group: only it writes its rows of dkv. It reads local copies
+        of its keys and values and sums their gradients in dk, dv (B * Hkv, N, D) before writing
+        them to dkv."""
+        batch, n, heads, dim = q.shape
+        kv_heads = kv.shape[3]
+        group = heads // kv_heads
         scale, zero = scales[0], scales[1]
-        for task in numba.prange(tasks):
-            acc = np.empty(dim, q.dtype)
+        for task in numba.prange(batch * kv_heads):
+            b, g = task // kv_heads, task % kv_heads
+            keys = np.empty((n, dim), q.dtype)
+            values = np.empty((n, dim), q.dtype)
             for j in range(n):
                 for d in range(dim):
+                    keys[j, d] = kv[b, j, 0, g, d]
+                    values[j, d] = kv[b, j, 1, g, d]
                     dk[task, j, d] = zero
                     dv[task, j, d] = zero
-            for t in range(n):
-                own = t // block_size
-                delta = zero
+            acc = np.empty(dim, q.dtype)
+            for h in range(g * group, (g + 1) * group):
+                row = b * heads + h  # of sel, count, lse
+                for t in range(n):
+                    own = t // block_size
+                    delta = zero
+                    for d in range(dim):
+                        delta += dout[b, t, h, d] * out[b, t, h, d]
+                        acc[d] = zero
+                    for s in range(count[row, t]):
+                        start, end = _keys(sel[row, t, s], own, t, block_size, n, causal)
+                        for j in range(start, end):
+                            dot = zero
+                            dp = zero
+                            for d in range(dim):
+                                dot += q[b, t, h, d] * keys[j, d]
+                                dp += dout[b, t, h, d] * values[j, d]
+                            p = np.exp(dot * scale - lse[row, t])
+                            ds = p * (dp - delta) * scale
+                            for d in range(dim):
+                                dv[task, j, d] += p * dout[b, t, h, d]
+                                acc[d] += ds * keys[j, d]
+                                dk[task, j, d] += ds * q[b, t, h, d]
+                    for d in range(dim):
+                        dq[b, t, h, d] = acc[d]
+            for j in range(n):
                 for d in range(dim):
-                    delta += dout[task, t, d] * out[task, t, d]
-                    acc[d] = zero
-                for s in range(count[task, t]):
-                    start, end = _keys(sel[task, t, s], own, t, block_size, n, causal)
-                    for j in range(start, end):
-                        dot = zero
-                        dp = zero
-                        for d in range(dim):
-                            dot += q[task, t, d] * k[task, j, d]
-                            dp += dout[task, t, d] * v[task, j, d]
-                        p = np.exp(dot * scale - lse[task, t])
-                        ds = p * (dp - delta) * scale
-                        for d in range(dim):
-                            dv[task, j, d] += p * dout[task, t, d]
-                            acc[d] += ds * k[task, j, d]
-                            dk[task, j, d] += ds * q[task, t, d]
-                for d in range(dim):
-                    dq[task, t, d] = acc[d]
+                    dkv[b, j, 0, g, d] = dk[task, j, d]
+                    dkv[b, j, 1, g, d] = dv[task, j, d]
 
 
 if numba is not None:
@@ -126,27 +162,31 @@ if numba is not None:
     def _route(q, centroids_t, block_size, causal, force_own_block, chosen):  # pragma: no cover  (compiled)
         """For each query t, the c = chosen.shape[2] eligible blocks with the highest q . centroid,
         best first (ties: the lower block); chosen = -1 where fewer than c blocks are eligible.
-        centroids_t is (tasks, D, blocks): a query's scores are computed along the blocks."""
-        tasks, n, dim = q.shape
-        blocks, c = centroids_t.shape[2], chosen.shape[2]
-        for task in numba.prange(tasks):
+        q is (B, N, H, D); centroids_t is (B, Hkv, D, blocks): a query's scores are computed
+        along the blocks; chosen is (B * H, N, c)."""
+        batch, n, heads, dim = q.shape
+        group = heads // centroids_t.shape[1]
+        blocks, c = centroids_t.shape[3], chosen.shape[2]
+        for task in numba.prange(batch * heads):
+            b, h = task // heads, task % heads
+            g = h // group
             scores = np.empty(blocks, q.dtype)
             top_block = np.empty(c, np.int64)
             top_score = np.empty(c, q.dtype)
             for t in range(n):
                 own = t // block_size
                 limit = own if causal else blocks  # causal: blocks entirely in the past
-                for b in range(limit):
-                    scores[b] = 0.0
+                for i in range(limit):
+                    scores[i] = 0.0
                 for d in range(dim):
-                    qd = q[task, t, d]
-                    for b in range(limit):
-                        scores[b] += qd * centroids_t[task, d, b]
+                    qd = q[b, t, h, d]
+                    for i in range(limit):
+                        scores[i] += qd * centroids_t[b, g, d, i]
                 filled = 0  # the list so far, best first, in locals: one compare per block
-                for b in range(limit):
-                    if force_own_block and b == own:
+                for blk in range(limit):
+                    if force_own_block and blk == own:
                         continue
-                    score = scores[b]
+                    score = scores[blk]
                     if filled == c and score <= top_score[c - 1]:
                         continue
                     i = min(filled, c - 1)  # insert, keeping the list sorted best first
@@ -154,7 +194,7 @@ if numba is not None:
                         top_block[i] = top_block[i - 1]
                         top_score[i] = top_score[i - 1]
                         i -= 1
-                    top_block[i] = b
+                    top_block[i] = blk
                     top_score[i] = score
                     filled = min(filled + 1, c)
                 for i in range(c):
@@ -187,23 +227,28 @@ if numba is not None:
                     sel[task, t, j] = blocks
 
 
+def packed(q: torch.Tensor) -> torch.Tensor:
+    """q (B, H, N, D) as the kernels read it: (B, N, H, D), C-contiguous (free when q is already
+    a head view of a (B, N, H * D) projection)."""
+    return q.transpose(1, 2).contiguous()
+
+
 def route(q: torch.Tensor, centroids: torch.Tensor, block_size: int, count: int, causal: bool, force_own_block: bool):
     """The top-`count` routing of `select_blocks` in one pass per query (no (N x blocks) score
-    matrix, no sort): q (B, H, N, D) and centroids (B, H, blocks, D), float32, on CPU."""
+    matrix, no sort): q (B, H, N, D) and centroids (B, Hkv, blocks, D), float32, on CPU.
+    Returns (chosen, valid), each (B, H, N, count)."""
     batch, heads, n, dim = q.shape
-    blocks = centroids.shape[2]
-    qf = q.reshape(batch * heads, n, dim).contiguous()
-    cf = centroids.reshape(batch * heads, blocks, dim).transpose(1, 2).contiguous()
     chosen = torch.empty(batch * heads, n, count, dtype=torch.long)
-    launch(_route, qf.numpy(), cf.numpy(), block_size, causal, force_own_block, chosen.numpy())
+    centroids_t = centroids.transpose(2, 3).contiguous()
+    launch(_route, packed(q).numpy(), centroids_t.numpy(), block_size, causal, force_own_block, chosen.numpy())
     valid = chosen >= 0
     chosen = chosen.clamp_min(0)
     return chosen.view(batch, heads, n, count), valid.view(batch, heads, n, count)
 
 
 def selections(chosen: torch.Tensor, valid: torch.Tensor, block_size: int, force_own_block: bool):
-    """(sel, count) for the kernels: sel (tasks, N, S) int32 holds each query's blocks in
-    increasing order (its own block among them when forced), count (tasks, N) how many are real."""
+    """(sel, count) for the kernels: sel (B * H, N, S) int32 holds each query's blocks in
+    increasing order (its own block among them when forced), count (B * H, N) how many are real."""
     batch, heads, n, c = chosen.shape
     sel = torch.empty(batch * heads, n, c + int(force_own_block), dtype=torch.int32)
     count = torch.empty(batch * heads, n, dtype=torch.int32)
@@ -214,35 +259,49 @@ def selections(chosen: torch.Tensor, valid: torch.Tensor, block_size: int, force
 
 
 class MoBAFunction(torch.autograd.Function):
-    """Attention of q over the selected keys, in the numba kernels; q, k, v (tasks, N, D)."""
+    """Attention of q over the selected keys, in the numba kernels: q (B, N, H, D) and kv
+    (B, N, 2, Hkv, D) (keys, values), C-contiguous; the output is (B, N, H, D)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, sel, count, block_size: int, causal: bool, scale: float):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    def forward(ctx, q, kv, sel, count, block_size: int, causal: bool, scale: float):
+        batch, n, heads, _ = q.shape
         out = torch.empty_like(q)
-        lse = torch.empty(q.shape[:2], dtype=q.dtype)
+        lse = torch.empty(batch * heads, n, dtype=q.dtype)
         scales = np.array([scale, 0], dtype=q.numpy().dtype)  # the inputs' dtype (see _forward)
         args = (sel.numpy(), count.numpy(), block_size, causal, scales, out.numpy(), lse.numpy())
-        launch(_forward, q.numpy(), k.numpy(), v.numpy(), *args)
-        ctx.save_for_backward(q, k, v, sel, count, out, lse)
+        launch(_forward, q.numpy(), kv.numpy(), *args)
+        ctx.save_for_backward(q, kv, sel, count, out, lse)
         ctx.args = (block_size, causal, scales)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, sel, count, out, lse = ctx.saved_tensors
+        q, kv, sel, count, out, lse = ctx.saved_tensors
         block_size, causal, scales = ctx.args
         dout = dout.contiguous()
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dq, dkv = torch.empty_like(q), torch.empty_like(kv)
+        batch, n, _, dim = q.shape
+        dk, dv = (torch.empty(batch * kv.shape[3], n, dim, dtype=q.dtype) for _ in range(2))  # scratch
         args = (sel.numpy(), count.numpy(), block_size, causal, scales, out.numpy(), lse.numpy(), dout.numpy())
-        launch(_backward, q.numpy(), k.numpy(), v.numpy(), *args, dq.numpy(), dk.numpy(), dv.numpy())
-        return dq, dk, dv, None, None, None, None, None
+        launch(_backward, q.numpy(), kv.numpy(), *args, dq.numpy(), dkv.numpy(), dk.numpy(), dv.numpy())
+        return dq, dkv, None, None, None, None, None
 
 
-def moba_kernel(q, k, v, block_size, chosen, valid, causal, force_own_block, scale) -> torch.Tensor:
-    """MoBA attention through the numba kernels; q, k, v (B, H, N, D) with KV heads expanded."""
-    batch, heads, n, dim = q.shape
+def attention(q, kv, block_size, chosen, valid, causal, force_own_block, scale) -> torch.Tensor:
+    """MoBA attention through the kernels, in their layout: q (B, N, H, D), kv (B, N, 2, Hkv, D),
+    C-contiguous, one floating dtype; (chosen, valid) the routing, (B, H, N, c). Returns
+    (B, N, H, D)."""
+    if not (q.is_contiguous() and kv.is_contiguous()) or q.dtype != kv.dtype:
+        raise ValueError("the MoBA kernels take C-contiguous q and kv of one dtype")
+    batch, n, heads, _ = q.shape
+    if (
+        tuple(chosen.shape[:3]) != (batch, heads, n)
+        or heads % kv.shape[3]
+        or kv.shape[:2] != q.shape[:2]
+        or kv.shape[4] != q.shape[3]
+    ):
+        raise ValueError(
+            f"q {tuple(q.shape)}, kv {tuple(kv.shape)} and routing {tuple(chosen.shape)} do not fit together"
+        )
     sel, count = selections(chosen, valid, block_size, force_own_block)
-    flat = lambda x: x.reshape(batch * heads, n, dim)  # noqa: E731
-    out = MoBAFunction.apply(flat(q), flat(k), flat(v), sel, count, block_size, causal, float(scale))
-    return out.view(batch, heads, n, dim)
+    return MoBAFunction.apply(q, kv, sel, count, block_size, causal, float(scale))

@@ -11,7 +11,7 @@ from neuroplast.attention.moba import (
     expand_kv_heads,
     inverse_order,
     key_convolution,
-    moba_attention,
+    moba_attention_packed,
     tile_order,
 )
 
@@ -83,18 +83,18 @@ class MoBAttention(nn.Module):
             if n != self.order.numel():
                 raise ValueError(f"{n} tokens, but the tile order was built for {self.order.numel()}")
             x = x[:, self.order]
-        q = self.q(x).view(batch, n, self.heads, self.head_dim).transpose(1, 2)
-        k, v = self.kv(x).view(batch, n, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q = self.q(x).view(batch, n, self.heads, self.head_dim)
+        kv = self.kv(x).view(batch, n, 2, self.kv_heads, self.head_dim)  # keys, values
         if self.full:
+            q, (k, v) = q.transpose(1, 2), kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, D) views
             if self.key_conv is not None:
                 k = key_convolution(k, self.key_conv, self.causal)
             k, v = expand_kv_heads(q, k, v)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal).transpose(1, 2)
         else:
-            y = moba_attention(
+            y = moba_attention_packed(
                 q,
-                k,
-                v,
+                kv,
                 self.block_size,
                 self.top_k,
                 causal=self.causal,
@@ -102,7 +102,7 @@ class MoBAttention(nn.Module):
                 key_conv=self.key_conv,
                 implementation=self.implementation,
             )
-        y = self.out(y.transpose(1, 2).reshape(batch, n, dim))
+        y = self.out(y.reshape(batch, n, dim))
         return y[:, self.restore] if self.restore is not None else y
 
     def extra_repr(self) -> str:

@@ -61,9 +61,10 @@ def expand_kv_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[
 def select_blocks(
     q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int, causal: bool, force_own_block: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The routing: (chosen, valid), each (B, H, N, c). chosen[..., t, :] are the blocks query t
-    attends to besides its forced own block (all of them when the own block is not forced);
-    valid marks real choices (early causal queries have fewer eligible blocks than k - 1)."""
+    """The routing: (chosen, valid), each (B, H, N, c), for q (B, H, N, D) and k (B, Hkv, N, D).
+    chosen[..., t, :] are the blocks query t attends to besides its forced own block (all of
+    them when the own block is not forced); valid marks real choices (early causal queries have
+    fewer eligible blocks than k - 1)."""
     batch, heads, n, _ = k.shape
     blocks = math.ceil(n / block_size)
     padded = k.float() if n % block_size == 0 else F.pad(k.float(), (0, 0, 0, blocks * block_size - n))
@@ -72,10 +73,11 @@ def select_blocks(
     centroids = padded.view(batch, heads, blocks, block_size, -1).sum(3) / lengths[:, None]
     count = min(top_k - 1 if (causal or force_own_block) else top_k, blocks)
     if count <= 0:
-        empty = torch.empty(batch, heads, n, 0, dtype=torch.long, device=q.device)
+        empty = torch.empty(batch, q.shape[1], n, 0, dtype=torch.long, device=q.device)
         return empty, empty.bool()
     if kernels.usable(q):  # the same choice, without the score matrix
         return kernels.route(q.float(), centroids, block_size, count, causal, force_own_block)
+    centroids = centroids.repeat_interleave(q.shape[1] // heads, dim=1)  # one per query head
     scores = q.float() @ centroids.transpose(-1, -2)  # (B, H, N, blocks)
     own = torch.arange(n, device=q.device) // block_size
     block = torch.arange(blocks, device=q.device)
@@ -95,6 +97,8 @@ def _check(q, k, v, block_size, top_k, implementation) -> None:
         raise ValueError("q, k, v must be (batch, heads, sequence, head_dim)")
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit together")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
     if block_size < 1:
         raise ValueError(f"block_size {block_size!r} must be >= 1")
     if top_k < 1:
@@ -127,38 +131,82 @@ def moba_attention(
     for small blocks or narrow heads).
     """
     _check(q, k, v, block_size, top_k, implementation)
-    if force_own_block is None:
-        force_own_block = causal
-    if causal and not force_own_block:
-        raise ValueError(
-            "causal MoBA always attends to the query's own block; force_own_block=False needs causal=False"
-        )
+    force_own_block = _own_block(causal, force_own_block)
     if key_conv is not None:
         k = key_convolution(k, key_conv, causal)
-    k, v = expand_kv_heads(q, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    implementation, dtype = _resolve(implementation, q, block_size), q.dtype
+    if implementation == "kernel":
+        packed = kernels.packed(_working(q))  # (B, N, H, D): the kernels' layout
+        q = packed.transpose(1, 2)
     chosen, valid = select_blocks(q.detach(), k.detach(), block_size, top_k, causal, force_own_block)
-    if implementation == "auto" and flex.preferred(q):
-        implementation = "flex"
-    if implementation == "auto":
-        # on CPU, gather's batched matmuls win when a group's products are big enough (heads of
-        # 64, blocks of 128: 1.2-2.9x faster than the kernel); the kernel wins in the ViT's
-        # shapes (heads of 16, blocks of 14-16: 1.1-1.6x) (`python bench/attention.py --vit`)
-        small = block_size < GATHER_MIN_BLOCK or q.shape[-1] < GATHER_MIN_HEAD_DIM
-        implementation = "kernel" if small and kernels.usable(q) else "gather"
+    if implementation == "kernel":
+        kv = torch.stack((_working(k).transpose(1, 2), _working(v).transpose(1, 2)), dim=2)
+        out = kernels.attention(packed, kv, block_size, chosen, valid, causal, force_own_block, scale)
+        return out.transpose(1, 2).to(dtype)
+    k, v = expand_kv_heads(q, k, v)
     if implementation == "flex":
         flex.check(q, k, v)
         return flex.moba_flex(q, k, v, block_size, chosen, valid, causal, force_own_block, scale)
     if implementation == "reference":
         return _reference(q, k, v, block_size, chosen, valid, causal, force_own_block, scale)
-    if implementation == "kernel":
-        if not kernels.usable(q):
-            raise ValueError("implementation 'kernel' needs numba and CPU tensors; use 'gather' or 'auto'")
-        out = kernels.moba_kernel(
-            _working(q), _working(k), _working(v), block_size, chosen, valid, causal, force_own_block, scale
-        )
-        return out.to(q.dtype)
     return _gather(q, k, v, block_size, chosen, valid, causal, force_own_block, scale)
+
+
+def moba_attention_packed(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    block_size: int,
+    top_k: int,
+    causal: bool = True,
+    force_own_block: bool | None = None,
+    key_conv: torch.Tensor | None = None,
+    scale: float | None = None,
+    implementation: str = "auto",
+) -> torch.Tensor:
+    """`moba_attention` in the layout of the projections: q (B, N, Hq, D) and kv (B, N, 2, Hkv, D)
+    (keys, then values), as `linear(x).view(...)` gives them; returns (B, N, Hq, D). The numba
+    kernels read and write this layout as it is, so no copies are made on the way in or out (nor
+    for the gradients); the other implementations run on head views of it."""
+    if q.dim() != 4 or kv.dim() != 5 or kv.shape[2] != 2:
+        raise ValueError(f"q {tuple(q.shape)} must be (B, N, H, D) and kv {tuple(kv.shape)} (B, N, 2, Hkv, D)")
+    k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, Hkv, N, D) views
+    heads = q.transpose(1, 2)
+    _check(heads, k, v, block_size, top_k, implementation)
+    force_own_block = _own_block(causal, force_own_block)
+    implementation = _resolve(implementation, heads, block_size)
+    kernel_dtype = q.dtype == kv.dtype and q.dtype in (torch.float32, torch.float64)
+    if implementation != "kernel" or key_conv is not None or not kernel_dtype:
+        out = moba_attention(heads, k, v, block_size, top_k, causal, force_own_block, key_conv, scale, implementation)
+        return out.transpose(1, 2)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    chosen, valid = select_blocks(heads.detach(), k.detach(), block_size, top_k, causal, force_own_block)
+    return kernels.attention(q.contiguous(), kv.contiguous(), block_size, chosen, valid, causal, force_own_block, scale)
+
+
+def _own_block(causal: bool, force_own_block: bool | None) -> bool:
+    if force_own_block is None:
+        return causal
+    if causal and not force_own_block:
+        raise ValueError(
+            "causal MoBA always attends to the query's own block; force_own_block=False needs causal=False"
+        )
+    return force_own_block
+
+
+def _resolve(implementation: str, q: torch.Tensor, block_size: int) -> str:
+    """The implementation that runs ("auto" made concrete); an error for "kernel" where it cannot."""
+    if implementation == "auto" and flex.preferred(q):
+        return "flex"
+    if implementation == "auto":
+        # on CPU, gather's batched matmuls win when a group's products are big enough (heads of
+        # 64, blocks of 128: 1.2-2.9x faster than the kernel); the kernel wins in the ViT's
+        # shapes (heads of 16, blocks of 14-16: 1.1-1.6x) (`python bench/attention.py --vit`)
+        small = block_size < GATHER_MIN_BLOCK or q.shape[-1] < GATHER_MIN_HEAD_DIM
+        return "kernel" if small and kernels.usable(q) else "gather"
+    if implementation == "kernel" and not kernels.usable(q):
+        raise ValueError("implementation 'kernel' needs numba and CPU tensors; use 'gather' or 'auto'")
+    return implementation
 
 
 def selection_mask(

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from neuroplast.attention import ATTENTIONS, MoBAttention
+from neuroplast.attention import ATTENTIONS, MoBAttention, tile_order
 
 
 def square_tile(rows: int, cols: int, block_size: int) -> tuple[int, int]:
@@ -86,7 +86,14 @@ class ViT(nn.Module):
         self.patch_size = patch_size
         self.embed = nn.Linear(channels * patch_size * patch_size, dim)
         self.position = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
-        tile = square_tile(*grid, block_size) if attention == "moba" else None
+        moba_layers = depth - full_layers if attention == "moba" else 0
+        if moba_layers:
+            # the tokens run in tile order through all the blocks, so that each MoBA block of
+            # block_size tokens is a square tile of the grid; every other operation is per token
+            # (or dense attention) and the mean pools in any order, so nothing else changes
+            self.register_buffer("order", tile_order(*grid, *square_tile(*grid, block_size)), persistent=False)
+        else:
+            self.order = None
         blocks = []
         for layer in range(depth):
             full = attention == "dense" or layer >= depth - full_layers
@@ -98,8 +105,6 @@ class ViT(nn.Module):
                 causal=False,
                 force_own_block=own_block,
                 key_conv=key_conv,
-                grid=None if full else grid,
-                tile=None if full else tile,
                 full=full,
             )
             blocks.append(Block(dim, mixer, mlp_ratio, dropout))
@@ -115,5 +120,8 @@ class ViT(nn.Module):
         return x.reshape(b, (h // p) * (w // p), c * p * p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.embed(self.patches(x)) + self.position
+        patches, position = self.patches(x), self.position
+        if self.order is not None:
+            patches, position = patches[:, self.order], position[:, self.order]
+        tokens = self.embed(patches) + position
         return self.head(self.norm(self.blocks(tokens)).mean(1))
