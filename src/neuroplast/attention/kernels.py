@@ -47,6 +47,14 @@ if numba is not None:
             end = t + 1
         return start, end
 
+    @numba.njit(cache=True, nogil=True, inline="always")
+    def _head_rows(kv, b, g, keys, values):  # pragma: no cover  (compiled)
+        """Copy the keys and the values of batch b, key/value head g into keys, values (N, D)."""
+        for j in range(kv.shape[1]):
+            for d in range(kv.shape[4]):
+                keys[j, d] = kv[b, j, 0, g, d]
+                values[j, d] = kv[b, j, 1, g, d]
+
     @numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
     def _forward(q, kv, sel, count, block_size, causal, scales, out, lse):  # pragma: no cover  (compiled)
         """q, out (B, N, H, D); kv (B, N, 2, Hkv, D): keys at [:, :, 0], values at [:, :, 1];
@@ -63,10 +71,7 @@ if numba is not None:
             g = h // group
             keys = np.empty((n, dim), q.dtype)
             values = np.empty((n, dim), q.dtype)
-            for j in range(n):
-                for d in range(dim):
-                    keys[j, d] = kv[b, j, 0, g, d]
-                    values[j, d] = kv[b, j, 1, g, d]
+            _head_rows(kv, b, g, keys, values)
             query = np.empty(dim, q.dtype)
             scores = np.empty(width, q.dtype)
             acc = np.empty(dim, q.dtype)
@@ -119,10 +124,9 @@ if numba is not None:
             b, g = task // kv_heads, task % kv_heads
             keys = np.empty((n, dim), q.dtype)
             values = np.empty((n, dim), q.dtype)
+            _head_rows(kv, b, g, keys, values)
             for j in range(n):
                 for d in range(dim):
-                    keys[j, d] = kv[b, j, 0, g, d]
-                    values[j, d] = kv[b, j, 1, g, d]
                     dk[task, j, d] = zero
                     dv[task, j, d] = zero
             acc = np.empty(dim, q.dtype)
