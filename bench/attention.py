@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from neuroplast.attention import moba_attention, moba_attention_packed
+from neuroplast.attention.moba import head_views
 
 HEADS, HEAD_DIM, BLOCK, TOP_K = 8, 64, 128, 3
 VIT_SHAPES = [(196, 14), (784, 16)]  # tokens, block (a square tile of the patch grid)
@@ -54,10 +55,7 @@ def keep_freed_memory() -> bool:
 
 def heads_of(inputs):
     """(q, k, v) as (batch, heads, tokens, dim): the tensors themselves, or views of (q, kv)."""
-    if len(inputs) == 3:
-        return inputs
-    q, kv = inputs
-    return q.transpose(1, 2), kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    return inputs if len(inputs) == 3 else head_views(*inputs)
 
 
 def run(kind: str, inputs, causal: bool, backward: bool, block: int) -> None:

@@ -9,6 +9,7 @@ from torch import nn
 from neuroplast.attention.moba import (
     IMPLEMENTATIONS,
     expand_kv_heads,
+    head_views,
     inverse_order,
     key_convolution,
     moba_attention_packed,
@@ -86,7 +87,7 @@ class MoBAttention(nn.Module):
         q = self.q(x).view(batch, n, self.heads, self.head_dim)
         kv = self.kv(x).view(batch, n, 2, self.kv_heads, self.head_dim)  # keys, values
         if self.full:
-            q, (k, v) = q.transpose(1, 2), kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, D) views
+            q, k, v = head_views(q, kv)
             if self.key_conv is not None:
                 k = key_convolution(k, self.key_conv, self.causal)
             k, v = expand_kv_heads(q, k, v)

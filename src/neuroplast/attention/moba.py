@@ -135,15 +135,12 @@ def moba_attention(
     if key_conv is not None:
         k = key_convolution(k, key_conv, causal)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    implementation, dtype = _resolve(implementation, q, block_size), q.dtype
-    if implementation == "kernel":
-        packed = kernels.packed(_working(q))  # (B, N, H, D): the kernels' layout
-        q = packed.transpose(1, 2)
-    chosen, valid = select_blocks(q.detach(), k.detach(), block_size, top_k, causal, force_own_block)
-    if implementation == "kernel":
+    implementation = _resolve(implementation, q, block_size)
+    if implementation == "kernel":  # into the kernels' layout: one copy of q, one of k and v
         kv = torch.stack((_working(k).transpose(1, 2), _working(v).transpose(1, 2)), dim=2)
-        out = kernels.attention(packed, kv, block_size, chosen, valid, causal, force_own_block, scale)
-        return out.transpose(1, 2).to(dtype)
+        out = _kernel(kernels.packed(_working(q)), kv, block_size, top_k, causal, force_own_block, scale)
+        return out.transpose(1, 2).to(q.dtype)
+    chosen, valid = select_blocks(q.detach(), k.detach(), block_size, top_k, causal, force_own_block)
     k, v = expand_kv_heads(q, k, v)
     if implementation == "flex":
         flex.check(q, k, v)
@@ -170,18 +167,29 @@ def moba_attention_packed(
     for the gradients); the other implementations run on head views of it."""
     if q.dim() != 4 or kv.dim() != 5 or kv.shape[2] != 2:
         raise ValueError(f"q {tuple(q.shape)} must be (B, N, H, D) and kv {tuple(kv.shape)} (B, N, 2, Hkv, D)")
-    k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, Hkv, N, D) views
-    heads = q.transpose(1, 2)
-    _check(heads, k, v, block_size, top_k, implementation)
+    heads = head_views(q, kv)
+    _check(*heads, block_size, top_k, implementation)
     force_own_block = _own_block(causal, force_own_block)
-    implementation = _resolve(implementation, heads, block_size)
+    implementation = _resolve(implementation, heads[0], block_size)
     kernel_dtype = q.dtype == kv.dtype and q.dtype in (torch.float32, torch.float64)
     if implementation != "kernel" or key_conv is not None or not kernel_dtype:
-        out = moba_attention(heads, k, v, block_size, top_k, causal, force_own_block, key_conv, scale, implementation)
+        out = moba_attention(*heads, block_size, top_k, causal, force_own_block, key_conv, scale, implementation)
         return out.transpose(1, 2)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _kernel(q.contiguous(), kv.contiguous(), block_size, top_k, causal, force_own_block, scale)
+
+
+def head_views(q: torch.Tensor, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (B, N, H, D) and kv (B, N, 2, Hkv, D) as (B, heads, N, D) views q, k, v (no copies)."""
+    k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+    return q.transpose(1, 2), k, v
+
+
+def _kernel(q, kv, block_size, top_k, causal, force_own_block, scale) -> torch.Tensor:
+    """Routing and the numba kernels on q (B, N, H, D), kv (B, N, 2, Hkv, D), C-contiguous."""
+    heads, k, _ = head_views(q, kv)
     chosen, valid = select_blocks(heads.detach(), k.detach(), block_size, top_k, causal, force_own_block)
-    return kernels.attention(q.contiguous(), kv.contiguous(), block_size, chosen, valid, causal, force_own_block, scale)
+    return kernels.attention(q, kv, block_size, chosen, valid, causal, force_own_block, scale)
 
 
 def _own_block(causal: bool, force_own_block: bool | None) -> bool:
