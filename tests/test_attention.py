@@ -241,11 +241,16 @@ def test_gather_group_by_group_equals_all_groups_at_once(monkeypatch, causal, va
 @pytest.mark.parametrize(
     "causal,force_own,top_k", [(True, True, 3), (False, True, 3), (False, False, 2), (True, True, 9)]
 )
-def test_routing_kernel_chooses_what_the_torch_routing_chooses(monkeypatch, causal, force_own, top_k):
+@pytest.mark.parametrize("kv_heads,chunk", [(3, None), (1, 100)])
+def test_routing_kernel_chooses_what_the_torch_routing_chooses(monkeypatch, causal, force_own, top_k, kv_heads, chunk):
+    """The same blocks, also with grouped key heads and with the scores taken a few queries at a
+    time (chunk: score elements per chunk; 100 makes chunks of two queries)."""
     skip_without("kernel")
     from neuroplast.attention import select_blocks
 
-    q, k = rand(2, 3, 53, 8, seed=30, grad=False), rand(2, 3, 53, 8, seed=31, grad=False)
+    if chunk is not None:
+        monkeypatch.setattr(kernels, "ROUTE_CHUNK_SCORES", chunk)
+    q, k = rand(2, 3, 53, 8, seed=30, grad=False), rand(2, kv_heads, 53, 8, seed=31, grad=False)
     picks = {}
     for which in ("numba", "torch"):
         monkeypatch.setenv("NEUROPLAST_KERNELS", which)

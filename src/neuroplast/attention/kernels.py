@@ -34,6 +34,7 @@ def usable(x: torch.Tensor) -> bool:
 
 # fast-math without the no-infinities/no-NaNs assumptions: infinities and NaNs follow IEEE rules
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+ROUTE_CHUNK_SCORES = 1 << 21  # routing scores per chunk of queries (8 MiB in fp32)
 
 if numba is not None:
 
@@ -163,46 +164,35 @@ if numba is not None:
 if numba is not None:
 
     @numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
-    def _route(q, centroids_t, block_size, causal, force_own_block, chosen):  # pragma: no cover  (compiled)
-        """For each query t, the c = chosen.shape[2] eligible blocks with the highest q . centroid,
-        best first (ties: the lower block); chosen = -1 where fewer than c blocks are eligible.
-        q is (B, N, H, D); centroids_t is (B, Hkv, D, blocks): a query's scores are computed
-        along the blocks; chosen is (B * H, N, c)."""
-        batch, n, heads, dim = q.shape
-        group = heads // centroids_t.shape[1]
-        blocks, c = centroids_t.shape[3], chosen.shape[2]
-        for task in numba.prange(batch * heads):
-            b, h = task // heads, task % heads
-            g = h // group
-            scores = np.empty(blocks, q.dtype)
-            top_block = np.empty(c, np.int64)
-            top_score = np.empty(c, q.dtype)
-            for t in range(n):
-                own = t // block_size
+    def _top_blocks(scores, first, block_size, causal, force_own_block, chosen):  # pragma: no cover  (compiled)
+        """For each query row t of scores (tasks, rows, blocks) (query first + t), the c =
+        chosen.shape[2] eligible blocks with the highest score, best first (ties: the lower
+        block); chosen = -1 where fewer than c blocks are eligible. Each pick is a max over the
+        row, then the first block with that score (both loops vectorize; a running sorted list,
+        one compare per block, branches too unpredictably on random scores)."""
+        tasks, rows, blocks = scores.shape
+        c = chosen.shape[2]
+        for task in numba.prange(tasks):
+            row = np.empty(blocks, scores.dtype)
+            for t in range(rows):
+                own = (first + t) // block_size
                 limit = own if causal else blocks  # causal: blocks entirely in the past
                 for i in range(limit):
-                    scores[i] = 0.0
-                for d in range(dim):
-                    qd = q[b, t, h, d]
+                    row[i] = scores[task, t, i]
+                if force_own_block and own < limit:
+                    row[own] = -np.inf
+                for j in range(c):
+                    best = -np.inf
                     for i in range(limit):
-                        scores[i] += qd * centroids_t[b, g, d, i]
-                filled = 0  # the list so far, best first, in locals: one compare per block
-                for blk in range(limit):
-                    if force_own_block and blk == own:
-                        continue
-                    score = scores[blk]
-                    if filled == c and score <= top_score[c - 1]:
-                        continue
-                    i = min(filled, c - 1)  # insert, keeping the list sorted best first
-                    while i > 0 and score > top_score[i - 1]:
-                        top_block[i] = top_block[i - 1]
-                        top_score[i] = top_score[i - 1]
-                        i -= 1
-                    top_block[i] = blk
-                    top_score[i] = score
-                    filled = min(filled + 1, c)
-                for i in range(c):
-                    chosen[task, t, i] = top_block[i] if i < filled else -1
+                        best = max(best, row[i])
+                    pick = -1
+                    if best > -np.inf:
+                        for i in range(limit):
+                            if row[i] == best:
+                                pick = i
+                                break
+                        row[pick] = -np.inf
+                    chosen[task, t, j] = pick
 
     @numba.njit(parallel=True, cache=True, nogil=True)
     def _selections(chosen, valid, block_size, blocks, force_own_block, sel, count):  # pragma: no cover  (compiled)
@@ -238,16 +228,22 @@ def packed(q: torch.Tensor) -> torch.Tensor:
 
 
 def route(q: torch.Tensor, centroids: torch.Tensor, block_size: int, count: int, causal: bool, force_own_block: bool):
-    """The top-`count` routing of `select_blocks` in one pass per query (no (N x blocks) score
-    matrix, no sort): q (B, H, N, D) and centroids (B, Hkv, blocks, D), float32, on CPU.
-    Returns (chosen, valid), each (B, H, N, count)."""
+    """The top-`count` routing of `select_blocks`: q (B, H, N, D) and centroids (B, Hkv, blocks,
+    D), float32, on CPU. The scores are matmuls over a chunk of queries at a time (about
+    ROUTE_CHUNK_SCORES of them, so they stay in cache), the top blocks a numba pass over each
+    chunk. Returns (chosen, valid), each (B, H, N, count)."""
     batch, heads, n, dim = q.shape
+    kv_heads, blocks = centroids.shape[1], centroids.shape[2]
     chosen = torch.empty(batch * heads, n, count, dtype=torch.long)
-    centroids_t = centroids.transpose(2, 3).contiguous()
-    launch(_route, packed(q).numpy(), centroids_t.numpy(), block_size, causal, force_own_block, chosen.numpy())
+    grouped = q.view(batch, kv_heads, heads // kv_heads, n, dim)  # query heads by their key head
+    centroids_t = centroids.transpose(2, 3)[:, :, None]  # (B, Hkv, 1, D, blocks)
+    step = max(1, ROUTE_CHUNK_SCORES // (batch * heads * blocks))
+    for first in range(0, n, step):
+        scores = torch.matmul(grouped[:, :, :, first : first + step], centroids_t).view(batch * heads, -1, blocks)
+        picks = chosen[:, first : first + scores.shape[1]]
+        launch(_top_blocks, scores.numpy(), first, block_size, causal, force_own_block, picks.numpy())
     valid = chosen >= 0
-    chosen = chosen.clamp_min(0)
-    return chosen.view(batch, heads, n, count), valid.view(batch, heads, n, count)
+    return chosen.clamp_min_(0).view(batch, heads, n, count), valid.view(batch, heads, n, count)
 
 
 def selections(chosen: torch.Tensor, valid: torch.Tensor, block_size: int, force_own_block: bool):

@@ -75,7 +75,7 @@ def select_blocks(
     if count <= 0:
         empty = torch.empty(batch, q.shape[1], n, 0, dtype=torch.long, device=q.device)
         return empty, empty.bool()
-    if kernels.usable(q):  # the same choice, without the score matrix
+    if kernels.usable(q):  # the same choice: scores a chunk at a time, no sort
         return kernels.route(q.float(), centroids, block_size, count, causal, force_own_block)
     centroids = centroids.repeat_interleave(q.shape[1] // heads, dim=1)  # one per query head
     scores = q.float() @ centroids.transpose(-1, -2)  # (B, H, N, blocks)
