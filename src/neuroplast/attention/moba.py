@@ -208,8 +208,8 @@ def _resolve(implementation: str, q: torch.Tensor, block_size: int) -> str:
         return "flex"
     if implementation == "auto":
         # on CPU, gather's batched matmuls win when a group's products are big enough (heads of
-        # 64, blocks of 128: 1.3-2.0x faster than the kernel); the kernel wins in the ViT's
-        # shapes (heads of 16, blocks of 14-16: 1.4-1.7x) (`python bench/attention.py --vit`)
+        # 64, blocks of 128: 1.1-2.4x faster than the kernel); the kernel wins in the ViT's
+        # shapes (heads of 16, blocks of 14-16: 1.2-1.5x) (`python bench/attention.py --vit`)
         small = block_size < GATHER_MIN_BLOCK or q.shape[-1] < GATHER_MIN_HEAD_DIM
         return "kernel" if small and kernels.usable(q) else "gather"
     if implementation == "kernel" and not kernels.usable(q):
