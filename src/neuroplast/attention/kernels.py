@@ -168,8 +168,8 @@ if numba is not None:
         """For each query row t of scores (tasks, rows, blocks) (query first + t), the c =
         chosen.shape[2] eligible blocks with the highest score, best first (ties: the lower
         block); chosen = -1 where fewer than c blocks are eligible. Each pick is a max over the
-        row, then the first block with that score (both loops vectorize; a running sorted list,
-        one compare per block, branches too unpredictably on random scores)."""
+        row (it vectorizes), then the first block with that score; a running sorted list, one
+        compare per block, was slower: its insert branch mispredicts on random scores."""
         tasks, rows, blocks = scores.shape
         c = chosen.shape[2]
         for task in numba.prange(tasks):
