@@ -318,6 +318,8 @@ def test_flex_block_mask_lists_every_tile_a_row_reads_and_full_tiles_only_when_w
     q, k = rand(batch, heads, n, 16, seed=30, grad=False), rand(batch, heads, n, 16, seed=31, grad=False)
     chosen, valid = moba_impl.select_blocks(q, k, block, 3, causal, True)
     row_query, lo, hi = flex.rows(n, block, chosen, valid, causal, True)
+    # as many rows as the shapes allow, whatever the routing: the compiled kernel's shapes stay put
+    assert lo.shape[1] == flex.static_width(n, 3) >= 3 * n and lo.shape[1] % flex.TILE == 0
     # each (batch x head) holds every query's own block and valid choices, sorted by block
     assert (lo <= hi).sum().item() == batch * heads * n + int(valid.sum())
     real_lo = torch.where(lo <= hi, lo, n)
@@ -360,6 +362,28 @@ def test_flex_refuses_to_train_on_cpu_and_auto_takes_it_where_preferred(monkeypa
         out = moba_attention(q, q, q, 8, 2)
     assert taken == ["flex"]
     torch.testing.assert_close(out, moba_attention(q, q, q, 8, 2, implementation="reference"))
+
+
+def test_flex_compiled_call_may_keep_more_versions_than_torchs_default(monkeypatch):
+    """Off CPU, flex_attention runs compiled with room for RECOMPILE_LIMIT versions (shapes, grad
+    modes), so a benchmark over many lengths never falls back to eager flex_attention."""
+    skip_without_flex()
+    from types import SimpleNamespace
+
+    import torch._dynamo.config as dynamo_config
+
+    seen = []
+
+    def compiled(q, k, v, **kwargs):
+        seen.append(dynamo_config.recompile_limit)
+        out, lse = torch.zeros_like(q), q.new_zeros(q.shape[:-1])
+        return (out, SimpleNamespace(lse=lse)) if "return_aux" in kwargs else (out, lse)
+
+    monkeypatch.setattr(flex, "_compiled", None)
+    monkeypatch.setattr(torch, "compile", lambda function, dynamic: compiled)
+    q = torch.zeros(1, 1, 128, 8, device="meta")
+    flex._attend(q, q, q, None, 1.0)
+    assert seen == [flex.RECOMPILE_LIMIT] and dynamo_config.recompile_limit != flex.RECOMPILE_LIMIT
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -19,6 +19,7 @@ rows: there the path is for inference and for tests against the reference.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from neuroplast.attention.gather import pairs
 
 TILE = 128  # FlexAttention's tile, queries and keys
+RECOMPILE_LIMIT = 64  # compiled versions of flex_attention kept (shapes x dtypes x grad modes)
 
 _compiled = None
 
@@ -61,10 +63,17 @@ def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         )
 
 
+def static_width(n: int, per_query: int) -> int:
+    """Rows per (batch, head): room for every query's `per_query` pairs, in whole tiles. It
+    depends on the shapes only, not on the routing, so the compiled kernel sees the same shapes
+    every step (a width that followed the routing would recompile it at almost every call)."""
+    return max(-(-n * per_query // TILE) * TILE, TILE)
+
+
 def rows(n, block_size, chosen, valid, causal, force_own_block):
-    """The rearranged rows, (BH, P) each, P the most pairs of any (batch, head): the query of
-    each row (0 for padding rows), and the first and last key it may read (lo > hi: padding).
-    Rows are sorted by key block within each (batch, head)."""
+    """The rearranged rows, (BH, P) each, P = static_width (padding rows fill what the
+    routing leaves): the query of each row (0 for padding rows), and the first and last key it
+    may read (lo > hi: padding). Rows are sorted by key block within each (batch, head)."""
     bh = chosen.shape[0] * chosen.shape[1]
     device = chosen.device
     head, query, block, last_key = pairs(n, bh, block_size, chosen, valid, causal, force_own_block)
@@ -75,7 +84,7 @@ def rows(n, block_size, chosen, valid, causal, force_own_block):
     order = order[torch.argsort(head[order], stable=True)]
     head, query, lo, hi = head[order], query[order], lo[order], hi[order]
     counts = torch.bincount(head, minlength=bh)
-    width = max(int(counts.max()) if counts.numel() else 0, 1)
+    width = static_width(n, chosen.shape[-1] + int(force_own_block))
     rank = torch.arange(head.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[head]
     row_query = torch.zeros(bh, width, dtype=torch.long, device=device)
     row_lo = torch.ones(bh, width, dtype=torch.int32, device=device)
@@ -134,11 +143,17 @@ def _attend(q_rows, k, v, mask, scale):
 
     global _compiled
     function = fa.flex_attention
-    if q_rows.device.type != "cpu":  # compiled once per process; new masks do not recompile
+    limit = contextlib.nullcontext()
+    if q_rows.device.type != "cpu":  # compiled once per shape and grad mode; new masks do not recompile
         if _compiled is None:
             _compiled = torch.compile(fa.flex_attention, dynamic=False)
         function = _compiled
-    with warnings.catch_warnings():  # on CPU, eager is the documented way (no log-sum-exp when compiled)
+        # past the default 8 compiled versions (a benchmark over lengths, forward and backward, or
+        # several models) torch would run flex_attention eagerly, every score materialised
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+        limit = config.patch(**{name: RECOMPILE_LIMIT})
+    with limit, warnings.catch_warnings():  # on CPU, eager is the documented way (no log-sum-exp when compiled)
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         if hasattr(fa, "AuxRequest"):
             out, aux = function(q_rows, k, v, block_mask=mask, scale=scale, return_aux=fa.AuxRequest(lse=True))
