@@ -11,12 +11,14 @@ seed (`--seeds`; the models of a seed start from the same seed). The table gives
 accuracy over the seeds, each seed's, and the mean of the per-seed differences from dense.
 `--train N` trains on the first N training images (all 10,000 test images are always scored).
 `--hybrid L` adds a third model: MoBA with its last L layers on dense attention.
+Each epoch of each run is reported on stderr as it ends; the table comes on stdout at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 from dataclasses import replace
 
 import torch
@@ -26,6 +28,11 @@ from neuroplast.train import RunConfig
 from neuroplast.train.trainer import train
 
 BLOCKS = {1: 16, 2: 14, 4: 7}  # patch size -> MoBA block (a square-ish tile of the patch grid)
+
+
+def progress_lines(run: str):
+    """The trainer's log lines (the run, then each epoch as it ends), tagged with the run, on stderr."""
+    return lambda line: print(f"[{run}] {line}", file=sys.stderr, flush=True)
 
 
 def record_into(seconds: list[float]):
@@ -81,7 +88,13 @@ def main() -> None:
                 )
                 name = attention if not full_layers else f"moba, last {full_layers} dense"
                 epoch_seconds: list[float] = []
-                summary = train(config, progress=True, log=None, dataset=data, on_epoch_end=record_into(epoch_seconds))
+                summary = train(
+                    config,
+                    progress=sys.stdout.isatty(),
+                    log=progress_lines(f"{(28 // patch) ** 2} tokens, {name}, seed {seed}"),
+                    dataset=data,
+                    on_epoch_end=record_into(epoch_seconds),
+                )
                 accuracies.setdefault(name, []).append(100 * summary["final_test_accuracy"])
                 seconds.setdefault(name, []).extend(epoch_seconds[1:] or epoch_seconds)
         tokens = (28 // patch) ** 2
