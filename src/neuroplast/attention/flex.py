@@ -63,17 +63,12 @@ def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         )
 
 
-def static_width(n: int, per_query: int) -> int:
-    """Rows per (batch, head): room for every query's `per_query` pairs, in whole tiles. It
-    depends on the shapes only, not on the routing, so the compiled kernel sees the same shapes
-    every step (a width that followed the routing would recompile it at almost every call)."""
-    return max(-(-n * per_query // TILE) * TILE, TILE)
-
-
 def rows(n, block_size, chosen, valid, causal, force_own_block):
-    """The rearranged rows, (BH, P) each, P = static_width (padding rows fill what the
-    routing leaves): the query of each row (0 for padding rows), and the first and last key it
-    may read (lo > hi: padding). Rows are sorted by key block within each (batch, head)."""
+    """The rearranged rows, (BH, P) each, P the most pairs of any (batch, head): the query of
+    each row (0 for padding rows), and the first and last key it may read (lo > hi: padding).
+    Rows are sorted by key block within each (batch, head). P depends on the shapes only (how
+    many blocks each position may choose), not on the routing, so a compiled kernel keeps its
+    shapes from step to step."""
     bh = chosen.shape[0] * chosen.shape[1]
     device = chosen.device
     head, query, block, last_key = pairs(n, bh, block_size, chosen, valid, causal, force_own_block)
@@ -84,7 +79,7 @@ def rows(n, block_size, chosen, valid, causal, force_own_block):
     order = order[torch.argsort(head[order], stable=True)]
     head, query, lo, hi = head[order], query[order], lo[order], hi[order]
     counts = torch.bincount(head, minlength=bh)
-    width = static_width(n, chosen.shape[-1] + int(force_own_block))
+    width = max(int(counts.max()) if counts.numel() else 0, 1)
     rank = torch.arange(head.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[head]
     row_query = torch.zeros(bh, width, dtype=torch.long, device=device)
     row_lo = torch.ones(bh, width, dtype=torch.int32, device=device)
