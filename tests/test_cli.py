@@ -88,6 +88,9 @@ def test_help_reads_well(capsys):
     assert code == 0 and "train" in out and "compare" in out and "demo" in out
     code, out, _ = run(capsys, "train", "--help")
     assert code == 0 and "--density" in out and "95% sparsity" in out
+    flat = " ".join(out.split())  # argparse wraps the lines
+    assert "default: None" not in flat and "(default: the method's)" in flat  # None: the preset's value
+    assert flat.count("1000,1000,1000") == 1  # each default said once
 
 
 def test_compare_writes_table_and_figure_and_skips_finished_cells(capsys, tmp_path):

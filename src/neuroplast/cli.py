@@ -41,12 +41,12 @@ HELP = {
     "top_k": "vit with moba: blocks each query attends to, its own block included",
     "own_block": "vit with moba: always attend to the query's own block",
     "full_layers": "vit with moba: the last N layers use dense attention",
-    "key_conv": "vit with moba: width of a depthwise convolution on the keys (off by default)",
-    "hidden": "MLP hidden widths, comma-separated (default 1000,1000,1000)",
+    "key_conv": "vit with moba: width of a depthwise convolution on the keys (default: off)",
+    "hidden": "MLP hidden widths, comma-separated",
     "method": f"DST method: {', '.join(METHODS)}",
     "density": "fraction of live weights in the sparse layers, in (0, 1] (0.05 = 95%% sparsity)",
     "distribution": "how density is spread over layers: uniform, er, erk",
-    "epsilon": "with --distribution er: SET's epsilon (no global budget)",
+    "epsilon": "with --distribution er: SET's epsilon, no global budget (default: none, ER scaled to --density)",
     "dense_first": "keep the first layer dense",
     "dense_last": "keep the last layer dense",
     "backend": "masked (dense weight x mask, any layer) or csr (truly sparse Linear layers)",
@@ -78,7 +78,11 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         kind = field_kind(f.type)
         default = f.default if not callable(f.default_factory) else f.default_factory()
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
-        help_text = HELP.get(f.name, f.name.replace("_", " ")) + f" (default: {shown})"
+        help_text = HELP.get(f.name, f.name.replace("_", " "))
+        if default is not None:
+            help_text += f" (default: {shown})"
+        elif "default" not in help_text:  # None: the method's preset decides
+            help_text += " (default: the method's)"
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif kind is list:
