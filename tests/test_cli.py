@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import tomllib
 
 import pytest
@@ -135,3 +138,15 @@ def test_demo_falls_back_to_digits(capsys, tmp_path, monkeypatch):
     for method in ("dense", "static", "set", "rigl"):
         assert method in out
     assert (tmp_path / "digits" / "learning_curves.png").is_file()
+
+
+def test_import_leaves_the_process_environment_alone():
+    # a library import must not change how the user's process allocates memory (it once set
+    # PyTorch's THP_MEM_ALLOC_ENABLE, which made ViT training slower on some hosts)
+    env = {key: value for key, value in os.environ.items() if key != "THP_MEM_ALLOC_ENABLE"}
+    script = (
+        "import os, torch; before = dict(os.environ); import neuroplast.cli, neuroplast.models, neuroplast.attention; "
+        "print(sorted(set(os.environ.items()) ^ set(before.items())))"
+    )
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
