@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from neuroplast.attention import moba_attention, moba_attention_packed
 from neuroplast.attention.moba import head_views
+from neuroplast.experiments.report import machine
 
 HEADS, HEAD_DIM, BLOCK, TOP_K = 8, 64, 128, 3
 VIT_SHAPES = [(196, 14), (784, 16)]  # tokens, block (a square tile of the patch grid)
@@ -110,7 +111,8 @@ def main() -> None:
     kinds = ["dense", "gather"] + (["kernel"] if device.type == "cpu" else ["flex"])
     lines = [
         f"{dtype}, {device}, {torch.get_num_threads()} threads, median of {args.reps}; torch {torch.__version__}; "
-        f"top-{TOP_K}, own block forced; freed memory {'kept in the process' if kept else 'returned (glibc defaults)'}",
+        f"top-{TOP_K}, own block forced; freed memory {'kept in the process' if kept else 'returned (glibc defaults)'}; "
+        + (f"GPU: {torch.cuda.get_device_name(device)}" if device.type == "cuda" else machine()),
         "",
         "| batch x heads x head dim | sequence | block | mask | pass | "
         + " | ".join(f"{kind} ms" for kind in kinds)

@@ -33,6 +33,7 @@ from torch import nn
 
 from neuroplast.data import BatchIterator, load_dataset
 from neuroplast.dst import DSTEngine, preset
+from neuroplast.experiments.report import machine
 from neuroplast.sparse import retain_freed_memory
 from neuroplast.sparse.csr import CSRLinear
 from neuroplast.sparse.topology import Topology
@@ -81,7 +82,7 @@ def main() -> None:
     nnz_total = sum(layer.nnz for layer in topology.layers.values())
     print(
         f"built {'-'.join(map(str, widths))} ({neurons:,} hidden neurons, {nnz_total:,} weights, "
-        f"density {topology.density():.2e}) in {build_seconds:.1f}s; peak memory {peak_rss_gib():.2f} GiB",
+        f"density {topology.density():.2e}) in {build_seconds:.1f}s; peak memory {peak_rss_gib():.2f} GiB; {machine()}",
         flush=True,
     )
 

@@ -17,6 +17,7 @@ import statistics
 import torch
 
 from neuroplast.data import load_dataset
+from neuroplast.experiments.report import machine
 from neuroplast.sparse.csr import CSRLayer
 from neuroplast.train import RunConfig
 from neuroplast.train.trainer import Run, train
@@ -55,7 +56,7 @@ def main() -> None:
     dense_seconds = rows[0][1]
     print(
         f"\n{args.dataset}, MLP 784-1000-1000-1000-10, density {args.density} (ERK), batch 128, "
-        f"{torch.get_num_threads()} threads, median training time of epochs 2-{args.epochs}\n"
+        f"{torch.get_num_threads()} threads, median training time of epochs 2-{args.epochs}; {machine()}\n"
     )
     print("| model | s/epoch | speed-up vs dense | test accuracy |\n|---|---|---|---|")
     for name, seconds, accuracy in rows:

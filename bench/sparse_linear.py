@@ -20,6 +20,7 @@ import time
 import torch
 from torch import nn
 
+from neuroplast.experiments.report import machine
 from neuroplast.sparse import kernels, sparsify
 
 SHAPES = [(4096, 4096), (1000, 784)]  # (out, in)
@@ -130,7 +131,7 @@ def main() -> None:
     )
     lines = [
         f"fwd+bwd (dx and dW), batch {BATCH}, fp32, {torch.get_num_threads()} threads, median of {args.reps}; "
-        f"torch {torch.__version__}",
+        f"torch {torch.__version__}; {machine()}",
         "",
         header,
         "|" + "---|" * (header.count("|") - 1),

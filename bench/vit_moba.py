@@ -24,6 +24,7 @@ from dataclasses import replace
 import torch
 
 from neuroplast.data import load_dataset
+from neuroplast.experiments.report import machine
 from neuroplast.train import RunConfig
 from neuroplast.train.trainer import train
 
@@ -57,7 +58,7 @@ def main() -> None:
     lines = [
         f"Fashion-MNIST ({len(data.y_train)} training images, 10,000 test), ViT dim 64 depth 4 heads 4, "
         f"{args.epochs} epochs, AdamW 1e-3, batch 128, {torch.get_num_threads()} threads, seeds {args.seeds}; "
-        "s/epoch = median training time of the epochs after the first, over all seeds",
+        f"s/epoch = median training time of the epochs after the first, over all seeds; {machine()}",
         "",
         "| tokens | attention | block x top-k | test accuracy (%) | per seed | vs dense (pp) | s/epoch | MoBA speed-up |",
         "|---|---|---|---|---|---|---|---|",

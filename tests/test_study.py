@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from neuroplast.experiments.report import (
     epochs_to_reach,
     input_connectivity,
     load_cell,
+    machine,
     study_markdown,
     study_rows,
 )
@@ -316,3 +318,9 @@ def test_connectivity_of_a_trained_csr_cell(tmp_path):
     record = json.loads((study.cells[0].folder / "metrics.jsonl").read_text().splitlines()[-1])
     first = record["layers"][0]
     assert name == "set" and image.shape == (8, 8) and int(image.sum()) == first["nnz"]
+
+
+def test_machine_line_names_the_instruction_set_and_cores():
+    line = machine()  # benchmarks print it in their headers: timings depend on the CPU
+    assert line.startswith("CPU: ") and "\n" not in line
+    assert f", {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores" in line

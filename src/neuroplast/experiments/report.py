@@ -3,11 +3,27 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 import statistics
 import textwrap
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+
+
+def machine() -> str:
+    """The CPU that timings come from, in one line for a benchmark's header: its model name, the
+    widest vector instruction set PyTorch's kernels use on it, and its cores."""
+    import torch  # kept local: reading run folders needs no torch
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU: {model}, {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores"
 
 
 @dataclass
