@@ -112,7 +112,7 @@ def main() -> None:
     lines = [
         f"{dtype}, {device}, {torch.get_num_threads()} threads, median of {args.reps}; torch {torch.__version__}; "
         f"top-{TOP_K}, own block forced; freed memory {'kept in the process' if kept else 'returned (glibc defaults)'}; "
-        + (f"GPU: {torch.cuda.get_device_name(device)}" if device.type == "cuda" else machine()),
+        + machine(device),
         "",
         "| batch x heads x head dim | sequence | block | mask | pass | "
         + " | ".join(f"{kind} ms" for kind in kinds)

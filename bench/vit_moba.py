@@ -67,6 +67,7 @@ def main() -> None:
     for patch in [int(p) for p in args.patches.split(",")]:
         accuracies: dict[str, list[float]] = {}
         seconds: dict[str, list[float]] = {}
+        tokens = (28 // patch) ** 2
         models = [("dense", 0), ("moba", 0)] + ([("moba", args.hybrid)] if args.hybrid else [])
         for seed in seeds:
             for attention, full_layers in models:
@@ -92,13 +93,12 @@ def main() -> None:
                 summary = train(
                     config,
                     progress=sys.stdout.isatty(),
-                    log=progress_lines(f"{(28 // patch) ** 2} tokens, {name}, seed {seed}"),
+                    log=progress_lines(f"{tokens} tokens, {name}, seed {seed}"),
                     dataset=data,
                     on_epoch_end=record_into(epoch_seconds),
                 )
                 accuracies.setdefault(name, []).append(100 * summary["final_test_accuracy"])
                 seconds.setdefault(name, []).extend(epoch_seconds[1:] or epoch_seconds)
-        tokens = (28 // patch) ** 2
         dense_seconds = statistics.median(seconds["dense"])
         for name, accuracy in accuracies.items():
             per_epoch = statistics.median(seconds[name])

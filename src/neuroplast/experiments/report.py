@@ -10,12 +10,20 @@ import textwrap
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
-def machine() -> str:
-    """The CPU that timings come from, in one line for a benchmark's header: its model name, the
-    widest vector instruction set PyTorch's kernels use on it, and its cores."""
+def machine(device: str | torch.device = "cpu") -> str:
+    """The hardware that timings come from, in one line for a benchmark's header: for the CPU its
+    model name, the widest vector instruction set PyTorch's kernels use on it, and its cores; for
+    a CUDA device its name."""
     import torch  # kept local: reading run folders needs no torch
+
+    if torch.device(device).type == "cuda":
+        return f"GPU: {torch.cuda.get_device_name(device)}"
 
     model = platform.processor() or platform.machine()
     try:
