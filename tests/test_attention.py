@@ -244,7 +244,7 @@ def test_gather_group_by_group_equals_all_groups_at_once(monkeypatch, causal, va
 @pytest.mark.parametrize("kv_heads,chunk", [(3, None), (1, 100)])
 def test_routing_kernel_chooses_what_the_torch_routing_chooses(monkeypatch, causal, force_own, top_k, kv_heads, chunk):
     """The same blocks, also with grouped key heads and with the scores taken a few queries at a
-    time (chunk: score elements per chunk; 100 makes chunks of two queries)."""
+    time (chunk: score elements per chunk; 100 makes chunks of one block of queries)."""
     skip_without("kernel")
     from neuroplast.attention import select_blocks
 
@@ -258,6 +258,23 @@ def test_routing_kernel_chooses_what_the_torch_routing_chooses(monkeypatch, caus
         picks[which] = (torch.where(valid, chosen, -1), valid)
     assert torch.equal(picks["numba"][1], picks["torch"][1])
     assert torch.equal(picks["numba"][0], picks["torch"][0])
+
+
+@pytest.mark.parametrize("causal,force_own", [(True, True), (False, True), (False, False)])
+def test_routing_kernel_breaks_ties_towards_the_lower_block(monkeypatch, causal, force_own):
+    """Equal gate scores everywhere: each query takes its lowest eligible blocks, in order."""
+    skip_without("kernel")
+    monkeypatch.setenv("NEUROPLAST_KERNELS", "numba")
+    n, block, top_k = 40, 4, 4
+    ones = torch.ones(1, 2, n, 8)
+    chosen, valid = moba_impl.select_blocks(ones, ones, block, top_k, causal, force_own)
+    count = top_k - 1 if force_own else top_k
+    for t in range(n):
+        own = t // block
+        eligible = [b for b in range(n // block) if (b < own if causal else not (force_own and b == own))]
+        expected = eligible[:count]
+        for h in range(2):
+            assert chosen[0, h, t][valid[0, h, t]].tolist() == expected
 
 
 @pytest.mark.parametrize("causal,force_own", [(True, True), (False, True), (False, False)])
