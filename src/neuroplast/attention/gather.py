@@ -40,8 +40,10 @@ def pairs(n, bh, block_size, chosen, valid, causal, with_own):
     from its block's start: the query itself in its own block when causal, else the block's
     last real key (short for the short last block)."""
     device = chosen.device
-    head, query, slot = valid.reshape(bh, n, -1).nonzero(as_tuple=True)
-    key_block = chosen.reshape(bh, n, -1)[head, query, slot]
+    count = valid.shape[-1]
+    flat = valid.reshape(-1).nonzero().squeeze(1)  # (head, query, slot) flattened
+    key_block = chosen.reshape(-1).index_select(0, flat)  # index_select: 1-D indexing, far faster
+    head, query = flat // (n * count), flat // count % n
     own = torch.zeros_like(query, dtype=torch.bool)
     if with_own:
         all_queries = torch.arange(n, device=device).repeat(bh)
@@ -89,18 +91,18 @@ class Plan:
         used = len(group_slot)
         rank = torch.empty_like(order)
         rank[order] = torch.arange(order.numel(), device=device)
-        pair_rank = rank[group]
+        pair_rank = rank.index_select(0, group)
         by_rank = torch.argsort(pair_rank, stable=True)
-        pair_rank, pair_row = pair_rank[by_rank], (head * n + query)[by_rank]
+        pair_rank, pair_row = pair_rank.index_select(0, by_rank), (head * n + query).index_select(0, by_rank)
         start = torch.cumsum(counts[order], 0) - counts[order]
-        within = torch.arange(pair_rank.numel(), device=device) - start[pair_rank]
-        slot_of_pair = torch.tensor(group_slot, dtype=torch.long, device=device)[pair_rank] + within
+        within = torch.arange(pair_rank.numel(), device=device) - start.index_select(0, pair_rank)
+        slot_of_pair = torch.tensor(group_slot, dtype=torch.long, device=device).index_select(0, pair_rank) + within
         self.rows = torch.zeros(slots, dtype=torch.long, device=device)
         self.rows[slot_of_pair] = pair_row
         self.padding = torch.ones(slots, dtype=torch.bool, device=device)
         self.padding[slot_of_pair] = False
         self.limit = torch.full((slots,), -1, dtype=torch.long, device=device)
-        self.limit[slot_of_pair] = last_key[by_rank]
+        self.limit[slot_of_pair] = last_key.index_select(0, by_rank)
         self.block = order[:used] % groups
         self.slots = slots
 
