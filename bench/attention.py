@@ -1,7 +1,7 @@
 """MoBA vs dense attention: forward and forward+backward time, fp32, in one process.
 
     python bench/attention.py [--lengths 1024,4096,16384] [--vit] [--reps 5] [--threads 2]
-                              [--no-keep-memory] [--out results.md]
+                              [--no-keep-memory] [--profile] [--out results.md]
 
 Long sequences: 8 heads, head dim 64, block 128, top-3 blocks, batch 1; causal and non-causal.
 `--vit` adds the shapes of the ViT's attention over Fashion-MNIST patches (batch 128, 4 heads,
@@ -14,6 +14,9 @@ and `kernel` (numba, query by query over the selected keys), routing included. I
 take turns round after round; times are medians and each ratio (dense / the faster MoBA) is the
 median of per-round ratios. On CUDA (`--device cuda`) `gather` and `flex` (FlexAttention,
 compiled) run, in bf16; `--lengths` can add longer sequences (e.g. 32768,65536,131072).
+`--profile` (CPU) then times `gather` piece by piece at the longest length (torch profiler: the
+routing, the plan of the groups, the groups' attention, the own blocks, the merge, and their
+backward passes), with the aten ops that take the most time.
 
 Memory, for dense and MoBA alike: large tensors go on transparent huge pages
 (`THP_MEM_ALLOC_ENABLE=1`, set before torch is imported), and glibc keeps freed memory in the
@@ -94,6 +97,30 @@ def time_all(kinds, inputs, causal: bool, backward: bool, reps: int, device, blo
     return samples
 
 
+PIECES = ["routing", "plan", "groups", "own blocks", "merge", "groups, backward", "own blocks, backward"]
+
+
+def profile_pieces(n: int, causal: bool, backward: bool, reps: int) -> list[str]:
+    """`gather` at n tokens under the torch profiler: ms per call of each labelled piece of MoBA
+    and of the aten ops that take the most time (self time), as lines of text."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    inputs = [torch.randn(1, HEADS, n, HEAD_DIM, generator=g).requires_grad_(backward) for _ in range(3)]
+    with torch.enable_grad() if backward else torch.no_grad():
+        run("gather", inputs, causal, backward, BLOCK)  # warm-up
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            for _ in range(reps):
+                run("gather", inputs, causal, backward, BLOCK)
+            whole = (time.perf_counter() - start) * 1e3 / reps
+    events = prof.key_averages()
+    ms = {event.key: event.cpu_time_total / 1e3 / reps for event in events}
+    pieces = ", ".join(f"{piece} {ms[f'moba: {piece}']:.1f}" for piece in PIECES if f"moba: {piece}" in ms)
+    ops = sorted((e for e in events if e.key.startswith("aten::")), key=lambda e: e.self_cpu_time_total, reverse=True)
+    top = ", ".join(f"{e.key[6:]} {e.self_cpu_time_total / 1e3 / reps:.1f}" for e in ops[:6])
+    mode = f"{n} tokens, {'causal' if causal else 'non-causal'}, {'fwd+bwd' if backward else 'fwd'}"
+    return [f"- {mode}: {whole:.1f} ms per call (mean of {reps}, profiled); {pieces}; most time in aten ops: {top}"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="1024,4096,16384")
@@ -102,8 +129,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-keep-memory", action="store_true", help="leave glibc's allocation defaults")
+    parser.add_argument("--profile", action="store_true", help="then time gather's pieces (CPU)")
     parser.add_argument("--out")
     args = parser.parse_args()
+    if args.profile and args.device != "cpu":
+        parser.error(f"--profile times the CPU path; it needs --device cpu, not {args.device!r}")
     kept = not args.no_keep_memory and keep_freed_memory()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -142,6 +172,14 @@ def main() -> None:
             )
             lines.append(row)
             print(row, flush=True)
+    if args.profile:
+        n = max(int(length) for length in args.lengths.split(","))
+        lines += ["", f"`gather` piece by piece (ms per call; block {BLOCK}, top-{TOP_K}):", ""]
+        print("\n".join(lines[-3:]), flush=True)
+        for causal in (False, True):
+            for backward in (False, True):
+                lines += profile_pieces(n, causal, backward, args.reps)
+                print(lines[-1], flush=True)
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")

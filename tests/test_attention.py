@@ -431,3 +431,15 @@ def test_float32_outputs_and_gradients_match_the_reference(
     implementation = use(implementation, monkeypatch)
     q, k, v = (rand(2, 4, n, 16, seed=s, grad=False).float().requires_grad_() for s in (60, 61, 62))
     assert_same_as_reference(implementation, q, k, v, block, top_k, causal, force_own, atol=2e-5, rtol=1e-4)
+
+
+def test_gather_labels_its_pieces_for_the_profiler():
+    """`bench/attention.py --profile` reads these labels: each piece of the gather path, forward
+    and backward, shows up once per call."""
+    q, k, v = (rand(1, 2, 40, 8, seed=s) for s in (1, 2, 3))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = moba_attention(q, k, v, 8, 2, causal=True, implementation="gather")
+        out.sum().backward()
+    counts = {event.key: event.count for event in prof.key_averages()}
+    pieces = ["routing", "plan", "groups", "own blocks", "merge", "groups, backward", "own blocks, backward"]
+    assert {piece: counts.get(f"moba: {piece}") for piece in pieces} == dict.fromkeys(pieces, 1)

@@ -23,6 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+from torch.profiler import record_function
 
 CHUNK_SCORES = 1 << 20  # score elements per chunk of groups (4 MiB in fp32)
 GPU_CHUNK_FACTOR = 64  # ... times this on a GPU (256 MiB): fewer, larger launches
@@ -199,6 +200,37 @@ def _by_head(x: torch.Tensor, bh: int) -> torch.Tensor:
     return x.view(bh, -1, *x.shape[1:])
 
 
+def _groups_forward(q_rows, kb, vb, plan: Plan, out_slots, lse_slots) -> None:
+    """Every group's attention to its block, chunk by chunk: each slot's output and log-sum-exp
+    into out_slots (slots, D) and lse_slots (slots,). q_rows is already scaled."""
+    dim = q_rows.shape[1]
+    for start, first, count, rows, masked in plan.chunks:
+        stop, block = start + count * rows, plan.block[first : first + count]
+        s = torch.bmm(_rows(q_rows, plan.rows[start:stop], count), kb.index_select(0, block).transpose(1, 2))
+        if masked:
+            _mask_scores(s, plan.limit[start:stop].view(count, rows))
+        peak = s.amax(-1, keepdim=True)
+        if masked:
+            peak = peak.masked_fill_(peak == float("-inf"), 0.0)  # padding slots: no key at all
+        p = s.sub_(peak).exp_()
+        total = p.sum(-1, keepdim=True)
+        out = torch.bmm(p, vb.index_select(0, block), out=out_slots[start:stop].view(count, rows, dim))
+        out.div_(total.clamp_min_(torch.finfo(total.dtype).tiny))
+        torch.add(peak, total.log_(), out=lse_slots[start:stop].view(count, rows, 1))
+
+
+def _merge(target, own_out, own_lse, out_slots, lse_slots) -> tuple[torch.Tensor, torch.Tensor]:
+    """The parts of each query merged, (out (BH*N, D), lse (BH*N,)): L = logsumexp_p l_p, o =
+    sum_p exp(l_p - L) o_p, over its own part and the slots whose row (target) it is. Writes
+    over own_out and out_slots."""
+    top = own_lse.clone().scatter_reduce_(0, target, lse_slots, reduce="amax")
+    total = (own_lse - top).exp_().index_add_(0, target, (lse_slots - top[target]).exp_())
+    lse = top.add_(total.log_())
+    out = own_out.mul_((own_lse - lse).exp_()[:, None])
+    out.index_add_(0, target, out_slots.mul_((lse_slots - lse[target]).exp_()[:, None]))
+    return out, lse
+
+
 class _GatherFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_rows, kb, vb, plan: Plan, own, scale):
@@ -209,34 +241,19 @@ class _GatherFunction(torch.autograd.Function):
         q_rows = q_rows * scale  # scaled once, not every score
         out_slots = q_rows.new_empty(plan.slots, dim)
         lse_slots = q_rows.new_empty(plan.slots)
-        for start, first, count, rows, masked in plan.chunks:
-            stop, block = start + count * rows, plan.block[first : first + count]
-            s = torch.bmm(_rows(q_rows, plan.rows[start:stop], count), kb.index_select(0, block).transpose(1, 2))
-            if masked:
-                _mask_scores(s, plan.limit[start:stop].view(count, rows))
-            peak = s.amax(-1, keepdim=True)
-            if masked:
-                peak = peak.masked_fill_(peak == float("-inf"), 0.0)  # padding slots: no key at all
-            p = s.sub_(peak).exp_()
-            total = p.sum(-1, keepdim=True)
-            out = torch.bmm(p, vb.index_select(0, block), out=out_slots[start:stop].view(count, rows, dim))
-            out.div_(total.clamp_min_(torch.finfo(total.dtype).tiny))
-            torch.add(peak, total.log_(), out=lse_slots[start:stop].view(count, rows, 1))
+        with record_function("moba: groups"):
+            _groups_forward(q_rows, kb, vb, plan, out_slots, lse_slots)
         lse_slots.masked_fill_(plan.padding, float("-inf"))  # padding slots weigh nothing
-        if own is None:
-            own_out, own_lse = q_rows.new_zeros(bh_n, dim), q_rows.new_full((bh_n,), float("-inf"))
-        else:
-            n, causal = own
-            bh = bh_n // n
-            own_out, own_lse = _own_forward(*(_by_head(x, bh) for x in (q_rows, kb, vb)), n, block_size, causal)
-            own_out, own_lse = own_out.reshape(bh_n, dim), own_lse.reshape(bh_n)
-        # merge the parts of each query: L = logsumexp_p l_p, o = sum_p exp(l_p - L) o_p
-        target = plan.rows
-        top = own_lse.clone().scatter_reduce_(0, target, lse_slots, reduce="amax")
-        total_q = (own_lse - top).exp_().index_add_(0, target, (lse_slots - top[target]).exp_())
-        lse = top.add_(total_q.log_())
-        out = own_out.mul_((own_lse - lse).exp_()[:, None])
-        out.index_add_(0, target, out_slots.mul_((lse_slots - lse[target]).exp_()[:, None]))
+        with record_function("moba: own blocks"):
+            if own is None:
+                own_out, own_lse = q_rows.new_zeros(bh_n, dim), q_rows.new_full((bh_n,), float("-inf"))
+            else:
+                n, causal = own
+                bh = bh_n // n
+                own_out, own_lse = _own_forward(*(_by_head(x, bh) for x in (q_rows, kb, vb)), n, block_size, causal)
+                own_out, own_lse = own_out.reshape(bh_n, dim), own_lse.reshape(bh_n)
+        with record_function("moba: merge"):
+            out, lse = _merge(plan.rows, own_out, own_lse, out_slots, lse_slots)
         ctx.save_for_backward(q_rows, kb, vb, out, lse)
         ctx.plan, ctx.own, ctx.scale = plan, own, scale
         return out
@@ -249,30 +266,34 @@ class _GatherFunction(torch.autograd.Function):
         bh_n, dim = q_rows.shape
         block_size = kb.shape[1]
         dout = dout.contiguous()
-        if own is None:
-            dq, dkb, dvb = torch.zeros_like(q_rows), torch.zeros_like(kb), torch.zeros_like(vb)
-        else:  # the own blocks' gradients are the starting point
-            n, causal = own
-            bh = bh_n // n
-            dq, dkb, dvb = _own_backward(
-                *(_by_head(x, bh) for x in (dout, q_rows, kb, vb, out, lse)), n, block_size, causal
-            )
-            dq, dkb, dvb = dq.reshape(bh_n, dim), dkb.reshape(kb.shape), dvb.reshape(vb.shape)
+        with record_function("moba: own blocks, backward"):
+            if own is None:
+                dq, dkb, dvb = torch.zeros_like(q_rows), torch.zeros_like(kb), torch.zeros_like(vb)
+            else:  # the own blocks' gradients are the starting point
+                n, causal = own
+                bh = bh_n // n
+                dq, dkb, dvb = _own_backward(
+                    *(_by_head(x, bh) for x in (dout, q_rows, kb, vb, out, lse)), n, block_size, causal
+                )
+                dq, dkb, dvb = dq.reshape(bh_n, dim), dkb.reshape(kb.shape), dvb.reshape(vb.shape)
         delta = torch.bmm(dout.view(-1, 1, dim), out.view(-1, dim, 1)).view(-1)  # rowwise dout . out
-        for start, first, count, rows, masked in plan.chunks:
-            stop, block = start + count * rows, plan.block[first : first + count]
-            index = plan.rows[start:stop]
-            q_chunk, do_chunk = _rows(q_rows, index, count), _rows(dout, index, count)
-            keys, values = kb.index_select(0, block), vb.index_select(0, block)
-            s = torch.bmm(q_chunk, keys.transpose(1, 2))
-            if masked:
-                _mask_scores(s, plan.limit[start:stop].view(count, rows))
-            lse_chunk = _rows(lse, index, count).masked_fill_(plan.padding[start:stop].view(count, rows), float("inf"))
-            p = s.sub_(lse_chunk[..., None]).exp_()  # padding slots: p = 0
-            ds = torch.bmm(do_chunk, values.transpose(1, 2)).sub_(_rows(delta, index, count)[..., None]).mul_(p)
-            dq.index_add_(0, index, torch.bmm(ds, keys).view(-1, dim))
-            dkb.index_add_(0, block, torch.bmm(ds.transpose(1, 2), q_chunk))
-            dvb.index_add_(0, block, torch.bmm(p.transpose(1, 2), do_chunk))
+        with record_function("moba: groups, backward"):
+            for start, first, count, rows, masked in plan.chunks:
+                stop, block = start + count * rows, plan.block[first : first + count]
+                index = plan.rows[start:stop]
+                q_chunk, do_chunk = _rows(q_rows, index, count), _rows(dout, index, count)
+                keys, values = kb.index_select(0, block), vb.index_select(0, block)
+                s = torch.bmm(q_chunk, keys.transpose(1, 2))
+                if masked:
+                    _mask_scores(s, plan.limit[start:stop].view(count, rows))
+                lse_chunk = _rows(lse, index, count).masked_fill_(
+                    plan.padding[start:stop].view(count, rows), float("inf")
+                )
+                p = s.sub_(lse_chunk[..., None]).exp_()  # padding slots: p = 0
+                ds = torch.bmm(do_chunk, values.transpose(1, 2)).sub_(_rows(delta, index, count)[..., None]).mul_(p)
+                dq.index_add_(0, index, torch.bmm(ds, keys).view(-1, dim))
+                dkb.index_add_(0, block, torch.bmm(ds.transpose(1, 2), q_chunk))
+                dvb.index_add_(0, block, torch.bmm(p.transpose(1, 2), do_chunk))
         return dq.mul_(ctx.scale), dkb, dvb, None, None, None
 
 
@@ -284,7 +305,8 @@ def attention(q, k, v, block_size, chosen, valid, causal, force_own_block, scale
         return torch.zeros_like(q)
     bh, blocks = batch * heads, math.ceil(n / block_size)
     fused = force_own_block and fused_own(q.device)
-    plan = Plan(n, bh, block_size, chosen, valid, causal, force_own_block and not fused, q.device)
+    with record_function("moba: plan"):
+        plan = Plan(n, bh, block_size, chosen, valid, causal, force_own_block and not fused, q.device)
     kb, vb = (_blocks(x, block_size).reshape(bh * blocks, block_size, dim) for x in (k, v))
     out = _GatherFunction.apply(q.reshape(bh * n, dim), kb, vb, plan, (n, causal) if fused else None, scale)
     return out.view(batch, heads, n, dim)

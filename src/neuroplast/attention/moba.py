@@ -28,6 +28,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from neuroplast.attention import flex, gather, kernels
 
@@ -65,6 +66,11 @@ def select_blocks(
     chosen[..., t, :] are the blocks query t attends to besides its forced own block (all of
     them when the own block is not forced); valid marks real choices (early causal queries have
     fewer eligible blocks than k - 1)."""
+    with record_function("moba: routing"):
+        return _select_blocks(q, k, block_size, top_k, causal, force_own_block)
+
+
+def _select_blocks(q, k, block_size, top_k, causal, force_own_block):
     batch, heads, n, _ = k.shape
     blocks = math.ceil(n / block_size)
     padded = k.float() if n % block_size == 0 else F.pad(k.float(), (0, 0, 0, blocks * block_size - n))
