@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="then time gather's pieces (CPU)")
     parser.add_argument("--out")
     args = parser.parse_args()
-    if args.profile and args.device != "cpu":
+    if args.profile and torch.device(args.device).type != "cpu":
         parser.error(f"--profile times the CPU path; it needs --device cpu, not {args.device!r}")
     kept = not args.no_keep_memory and keep_freed_memory()
     torch.set_num_threads(args.threads)

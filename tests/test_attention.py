@@ -241,10 +241,11 @@ def test_gather_group_by_group_equals_all_groups_at_once(monkeypatch, causal, va
 @pytest.mark.parametrize(
     "causal,force_own,top_k", [(True, True, 3), (False, True, 3), (False, False, 2), (True, True, 9)]
 )
-@pytest.mark.parametrize("kv_heads,chunk", [(3, None), (1, 100)])
+@pytest.mark.parametrize("kv_heads,chunk", [(3, None), (1, 100), (3, 648)])
 def test_routing_kernel_chooses_what_the_torch_routing_chooses(monkeypatch, causal, force_own, top_k, kv_heads, chunk):
     """The same blocks, also with grouped key heads and with the scores taken a few queries at a
-    time (chunk: score elements per chunk; 100 makes chunks of one block of queries)."""
+    time (chunk: score elements per chunk; 100 makes chunks of one block of queries, 648 of two
+    blocks, the last chunk short)."""
     skip_without("kernel")
     from neuroplast.attention import select_blocks
 
