@@ -43,7 +43,7 @@ def pairs(n, bh, block_size, chosen, valid, causal, with_own):
     device = chosen.device
     count = valid.shape[-1]
     flat = valid.reshape(-1).nonzero().squeeze(1)  # (head, query, slot) flattened
-    key_block = chosen.reshape(-1).index_select(0, flat)  # index_select: 1-D indexing, far faster
+    key_block = chosen.reshape(-1).index_select(0, flat)  # index_select: faster than advanced indexing
     head, query = flat // (n * count), flat // count % n
     own = torch.zeros_like(query, dtype=torch.bool)
     if with_own:
