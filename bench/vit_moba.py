@@ -1,7 +1,7 @@
 """Dense vs MoBA attention in a ViT on Fashion-MNIST: accuracy and training seconds per epoch.
 
-    python bench/vit_moba.py [--epochs 5] [--train 60000] [--patches 2,1] [--seeds 0,1] [--hybrid 1] [--threads 2]
-                             [--out results.md]
+    python bench/vit_moba.py [--epochs 5] [--train 60000] [--patches 2,1] [--seeds 0,1] [--hybrid 1]
+                             [--models dense,moba,hybrid] [--threads 2] [--out results.md]
 
 For each patch size (2: 14x14 = 196 tokens, 1: 28x28 = 784 tokens) the same ViT (dim 64, depth
 4, 4 heads, mean pooling, AdamW 1e-3, cosine, batch 128) is trained with dense attention and
@@ -10,7 +10,9 @@ at patch 2, 16 tokens (4x4) at patch 1; top-3), one after the other in this proc
 seed (`--seeds`; the models of a seed start from the same seed). The table gives the mean test
 accuracy over the seeds, each seed's, and the mean of the per-seed differences from dense.
 `--train N` trains on the first N training images (all 10,000 test images are always scored).
-`--hybrid L` adds a third model: MoBA with its last L layers on dense attention.
+`--hybrid L` adds a third model: MoBA with its last L layers on dense attention. `--models`
+picks which of dense, moba and hybrid (last layer dense unless `--hybrid` says otherwise) to
+train; without dense in the same run the table has no differences or speed-ups.
 Each epoch of each run is reported on stderr as it ends; the table comes on stdout at the end.
 """
 
@@ -29,6 +31,7 @@ from neuroplast.train import RunConfig
 from neuroplast.train.trainer import train
 
 BLOCKS = {1: 16, 2: 14, 4: 7}  # patch size -> MoBA block (a square-ish tile of the patch grid)
+MODELS = ("dense", "moba", "hybrid")
 
 
 def progress_lines(run: str):
@@ -48,17 +51,37 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--seeds", default="0", help="comma-separated seeds; each model runs once per seed")
     parser.add_argument("--hybrid", type=int, default=0, help="also MoBA with the last L layers dense (0: no)")
+    parser.add_argument("--models", default="dense,moba", help="comma-separated: dense, moba, hybrid")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out")
     args = parser.parse_args()
     seeds = [int(seed) for seed in args.seeds.split(",")]
+    names = list(dict.fromkeys(name.strip() for name in args.models.split(",") if name.strip()))
+    if not names:
+        parser.error(f"--models: none given; choose from {', '.join(MODELS)}")
+    for name in names:
+        if name not in MODELS:
+            parser.error(f"--models: unknown model {name!r}; choose from {', '.join(MODELS)}")
+    for patch in args.patches.split(","):
+        if not patch.strip().isdigit() or int(patch) not in BLOCKS:
+            parser.error(f"--patches: unsupported patch size {patch!r}; choose from {', '.join(map(str, BLOCKS))}")
+    if not 0 <= args.hybrid < 4:
+        parser.error(f"--hybrid: {args.hybrid} dense layers; choose from 0 to 3 (the ViT has 4)")
+    if args.hybrid and "hybrid" not in names:
+        names.append("hybrid")
+    hybrid_layers = args.hybrid or 1
+    models = [("moba", hybrid_layers) if name == "hybrid" else (name, 0) for name in names]
     torch.set_num_threads(args.threads)
     data = load_dataset("fashion-mnist")
     data = replace(data, x_train=data.x_train[: args.train], y_train=data.y_train[: args.train])
+    if args.epochs == 1:
+        timing = "s/epoch = median training time of the one epoch over the seeds (it includes warm-up)"
+    else:
+        timing = "s/epoch = median training time of the epochs after the first, over all seeds"
     lines = [
         f"Fashion-MNIST ({len(data.y_train)} training images, 10,000 test), ViT dim 64 depth 4 heads 4, "
-        f"{args.epochs} epochs, AdamW 1e-3, batch 128, {torch.get_num_threads()} threads, seeds {args.seeds}; "
-        f"s/epoch = median training time of the epochs after the first, over all seeds; {machine()}",
+        f"{args.epochs} epoch{'s' * (args.epochs != 1)}, AdamW 1e-3, batch 128, {torch.get_num_threads()} threads, "
+        f"seeds {args.seeds}; {timing}; {machine()}",
         "",
         "| tokens | attention | block x top-k | test accuracy (%) | per seed | vs dense (pp) | s/epoch | MoBA speed-up |",
         "|---|---|---|---|---|---|---|---|",
@@ -68,7 +91,6 @@ def main() -> None:
         accuracies: dict[str, list[float]] = {}
         seconds: dict[str, list[float]] = {}
         tokens = (28 // patch) ** 2
-        models = [("dense", 0), ("moba", 0)] + ([("moba", args.hybrid)] if args.hybrid else [])
         for seed in seeds:
             for attention, full_layers in models:
                 config = RunConfig(
@@ -99,12 +121,12 @@ def main() -> None:
                 )
                 accuracies.setdefault(name, []).append(100 * summary["final_test_accuracy"])
                 seconds.setdefault(name, []).extend(epoch_seconds[1:] or epoch_seconds)
-        dense_seconds = statistics.median(seconds["dense"])
+        dense_seconds = statistics.median(seconds["dense"]) if "dense" in seconds else None
         for name, accuracy in accuracies.items():
             per_epoch = statistics.median(seconds[name])
             shape = f"{BLOCKS[patch]} x {args.top_k}" if name != "dense" else "—"
             per_seed = " / ".join(f"{a:.2f}" for a in accuracy)
-            if name == "dense":
+            if name == "dense" or dense_seconds is None:
                 difference = speed = ""
             else:
                 difference = f"{statistics.mean(a - d for a, d in zip(accuracy, accuracies['dense'])):+.2f}"
