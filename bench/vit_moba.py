@@ -10,7 +10,7 @@ at patch 2, 16 tokens (4x4) at patch 1; top-3), one after the other in this proc
 seed (`--seeds`; the models of a seed start from the same seed). The table gives the mean test
 accuracy over the seeds, each seed's, and the mean of the per-seed differences from dense.
 `--train N` trains on the first N training images (all 10,000 test images are always scored).
-`--hybrid L` adds a third model: MoBA with its last L layers on dense attention. `--models`
+`--hybrid L` adds the hybrid to `--models`: MoBA with its last L layers on dense attention. `--models`
 picks which of dense, moba and hybrid (last layer dense unless `--hybrid` says otherwise) to
 train; without dense in the same run the table has no differences or speed-ups.
 Each epoch of each run is reported on stderr as it ends; the table comes on stdout at the end.
@@ -50,12 +50,19 @@ def main() -> None:
     parser.add_argument("--patches", default="2,1")
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--seeds", default="0", help="comma-separated seeds; each model runs once per seed")
-    parser.add_argument("--hybrid", type=int, default=0, help="also MoBA with the last L layers dense (0: no)")
-    parser.add_argument("--models", default="dense,moba", help="comma-separated: dense, moba, hybrid")
+    parser.add_argument(
+        "--hybrid", type=int, default=0, help="the hybrid's dense last layers; > 0 also adds the hybrid to --models"
+    )
+    parser.add_argument(
+        "--models", default="dense,moba", help="comma-separated: dense, moba, hybrid (default: dense,moba)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out")
     args = parser.parse_args()
-    seeds = [int(seed) for seed in args.seeds.split(",")]
+    try:
+        seeds = [int(seed) for seed in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds: {args.seeds!r} is not a comma-separated list of integers")
     names = list(dict.fromkeys(name.strip() for name in args.models.split(",") if name.strip()))
     if not names:
         parser.error(f"--models: none given; choose from {', '.join(MODELS)}")
@@ -63,10 +70,11 @@ def main() -> None:
         if name not in MODELS:
             parser.error(f"--models: unknown model {name!r}; choose from {', '.join(MODELS)}")
     for patch in args.patches.split(","):
-        if not patch.strip().isdigit() or int(patch) not in BLOCKS:
+        if not patch.strip().isdecimal() or int(patch) not in BLOCKS:
             parser.error(f"--patches: unsupported patch size {patch!r}; choose from {', '.join(map(str, BLOCKS))}")
-    if not 0 <= args.hybrid < 4:
-        parser.error(f"--hybrid: {args.hybrid} dense layers; choose from 0 to 3 (the ViT has 4)")
+    depth = RunConfig().vit_depth
+    if not 0 <= args.hybrid < depth:
+        parser.error(f"--hybrid: {args.hybrid} dense layers; choose from 0 to {depth - 1} (the ViT has {depth})")
     if args.hybrid and "hybrid" not in names:
         names.append("hybrid")
     hybrid_layers = args.hybrid or 1
