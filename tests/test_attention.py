@@ -413,6 +413,69 @@ def test_flex_on_cuda_gradients_equal_the_reference(causal):
     assert_same_as_reference("flex", q, k, v, 32, 3, causal, atol=2e-4, rtol=1e-3)
 
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+CUDA_CASES = [
+    # n, block, top_k, causal, force_own, heads, kv_heads: several 128-row tiles, short last
+    # blocks, GQA, non-causal with and without the forced own block
+    (301, 24, 2, False, False, 2, 1),
+    (299, 40, 3, False, True, 4, 2),
+    (300, 32, 3, True, True, 4, 2),
+]
+
+
+@needs_cuda
+@pytest.mark.parametrize("n,block,top_k,causal,force_own,heads,kv_heads", CUDA_CASES)
+@pytest.mark.parametrize("implementation", ["flex", "gather"])
+def test_cuda_paths_match_the_reference_in_float32(n, block, top_k, causal, force_own, heads, kv_heads, implementation):
+    """On CUDA, flex (FlexAttention, compiled) and gather (the own blocks in the groups: no fused
+    kernel there): outputs and gradients equal the reference's."""
+    if implementation == "flex":
+        skip_without_flex()
+    q = rand(2, heads, n, 16, seed=70, grad=False).float().cuda().requires_grad_()
+    k, v = (rand(2, kv_heads, n, 16, seed=s, grad=False).float().cuda().requires_grad_() for s in (71, 72))
+    assert_same_as_reference(implementation, q, k, v, block, top_k, causal, force_own, atol=2e-4, rtol=1e-3)
+
+
+@needs_cuda
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("implementation", ["flex", "gather"])
+def test_cuda_bfloat16_forward_is_close_to_the_float32_reference(causal, implementation):
+    """bf16 in, bf16 out (the benchmark's setting); the same routing as fp32 (the gate is computed
+    in fp32), so only the attention arithmetic rounds."""
+    if implementation == "flex":
+        skip_without_flex()
+    q, k, v = (rand(1, 4, 1000, 64, seed=s, grad=False).cuda().bfloat16() for s in (80, 81, 82))
+    with torch.no_grad():
+        out = moba_attention(q, k, v, 128, 3, causal=causal, force_own_block=True, implementation=implementation)
+        exact = moba_attention(
+            *(x.float() for x in (q, k, v)), 128, 3, causal=causal, force_own_block=True, implementation="reference"
+        )
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), exact, atol=2e-2, rtol=2e-2)
+
+
+@needs_cuda
+def test_auto_takes_flex_on_cuda_and_a_moba_layer_trains_there_as_on_cpu():
+    """`auto` resolves to flex on CUDA; a ViT-shaped MoBA layer (784 pixel tokens in 4x4 tiles)
+    gives the same output and parameter gradients on CUDA as the reference on CPU."""
+    skip_without_flex()
+    pytest.importorskip("triton")
+    assert moba_impl._resolve("auto", torch.zeros(1, 1, 8, 4, device="cuda"), 8) == "flex"
+    torch.manual_seed(0)
+    cpu = MoBAttention(32, 2, block_size=16, top_k=3, grid=(28, 28), tile=(4, 4), implementation="reference")
+    gpu = MoBAttention(32, 2, block_size=16, top_k=3, grid=(28, 28), tile=(4, 4)).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    x = torch.randn(2, 784, 32, generator=torch.Generator().manual_seed(1))
+    results = []
+    for layer, inputs in ((cpu, x), (gpu, x.cuda())):
+        out = layer(inputs)
+        grads = torch.autograd.grad((out * out.detach().cos()).sum(), list(layer.parameters()))
+        results.append([out.cpu(), *(g.cpu() for g in grads)])
+    for on_gpu, on_cpu in zip(*reversed(results), strict=True):
+        torch.testing.assert_close(on_gpu, on_cpu, atol=2e-4, rtol=1e-3)
+
+
 F32_CASES = [
     # n, block, top_k, causal, force_own: odd lengths, short last blocks, block lengths that are
     # and are not multiples of the key alignment
