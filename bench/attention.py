@@ -1,7 +1,7 @@
 """MoBA vs dense attention: forward and forward+backward time, fp32, in one process.
 
-    python bench/attention.py [--lengths 1024,4096,16384] [--vit] [--reps 5] [--threads 2]
-                              [--no-keep-memory] [--profile] [--out results.md]
+    python bench/attention.py [--lengths 1024,4096,16384] [--vit] [--routing token|block] [--reps 5]
+                              [--threads 2] [--no-keep-memory] [--profile] [--out results.md]
 
 Long sequences: 8 heads, head dim 64, block 128, top-3 blocks, batch 1; causal and non-causal.
 `--vit` adds the shapes of the ViT's attention over Fashion-MNIST patches (batch 128, 4 heads,
@@ -14,6 +14,9 @@ and `kernel` (numba, query by query over the selected keys), routing included. I
 take turns round after round; times are medians and each ratio (dense / the faster MoBA) is the
 median of per-round ratios. On CUDA (`--device cuda`) `gather` and `flex` (FlexAttention,
 compiled) run, in bf16; `--lengths` can add longer sequences (e.g. 32768,65536,131072).
+`--routing block` times per-query-block routing instead (non-causal only: each block of queries
+picks its key blocks by its mean query): MoBA runs as `tiles` (one fused attention call over all
+query blocks and their gathered key blocks) and, on CPU, as `kernel`.
 `--profile` (CPU) then times `gather` piece by piece at the longest length (torch profiler: the
 routing, the plan of the groups, the groups' attention, the own blocks, the merge, and their
 backward passes), with the aten ops that take the most time.
@@ -38,7 +41,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # read by torch at its first
 import torch
 import torch.nn.functional as F
 
-from neuroplast.attention import moba_attention, moba_attention_packed
+from neuroplast.attention import ROUTINGS, moba_attention, moba_attention_packed
 from neuroplast.attention.moba import head_views
 from neuroplast.experiments.report import machine
 
@@ -62,14 +65,15 @@ def heads_of(inputs):
     return inputs if len(inputs) == 3 else head_views(*inputs)
 
 
-def run(kind: str, inputs, causal: bool, backward: bool, block: int) -> None:
+def run(kind: str, inputs, causal: bool, backward: bool, block: int, routing: str = "token") -> None:
+    options = dict(causal=causal, force_own_block=True, implementation=kind, routing=routing)
     if kind == "dense":
         out = F.scaled_dot_product_attention(*heads_of(inputs), is_causal=causal)
     elif kind == "kernel" and len(inputs) == 2:
-        out = moba_attention_packed(*inputs, block, TOP_K, causal=causal, force_own_block=True, implementation=kind)
+        out = moba_attention_packed(*inputs, block, TOP_K, **options)
     else:
         q, k, v = heads_of(inputs)
-        out = moba_attention(q, k, v, block, TOP_K, causal=causal, force_own_block=True, implementation=kind)
+        out = moba_attention(q, k, v, block, TOP_K, **options)
     if backward:
         out.backward(torch.ones_like(out))
         for t in inputs:
@@ -81,17 +85,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_all(kinds, inputs, causal: bool, backward: bool, reps: int, device, block: int) -> dict[str, list[float]]:
+def time_all(
+    kinds, inputs, causal: bool, backward: bool, reps: int, device, block: int, routing: str = "token"
+) -> dict[str, list[float]]:
     samples = {kind: [] for kind in kinds}
     context = torch.enable_grad() if backward else torch.no_grad()
     with context:
         for kind in samples:
-            run(kind, inputs, causal, backward, block)  # warm-up
+            run(kind, inputs, causal, backward, block, routing)  # warm-up
         for _ in range(reps):
             for kind in samples:
                 sync(device)
                 start = time.perf_counter()
-                run(kind, inputs, causal, backward, block)
+                run(kind, inputs, causal, backward, block, routing)
                 sync(device)
                 samples[kind].append((time.perf_counter() - start) * 1e3)
     return samples
@@ -128,20 +134,30 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--routing", default="token", help="token (each query picks its blocks) or block (per query block, non-causal)"
+    )
     parser.add_argument("--no-keep-memory", action="store_true", help="leave glibc's allocation defaults")
     parser.add_argument("--profile", action="store_true", help="then time gather's pieces (CPU)")
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.profile and torch.device(args.device).type != "cpu":
         parser.error(f"--profile times the CPU path; it needs --device cpu, not {args.device!r}")
+    if args.routing not in ROUTINGS:
+        parser.error(f"--routing: unknown routing {args.routing!r}; choose from {', '.join(ROUTINGS)}")
+    if args.profile and args.routing != "token":
+        parser.error("--profile times the gather path, which --routing token runs; drop --routing block")
     kept = not args.no_keep_memory and keep_freed_memory()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    kinds = ["dense", "gather"] + (["kernel"] if device.type == "cpu" else ["flex"])
+    if args.routing == "block":
+        kinds = ["dense", "tiles"] + (["kernel"] if device.type == "cpu" else [])
+    else:
+        kinds = ["dense", "gather"] + (["kernel"] if device.type == "cpu" else ["flex"])
     lines = [
         f"{dtype}, {device}, {torch.get_num_threads()} threads, median of {args.reps}; torch {torch.__version__}; "
-        f"top-{TOP_K}, own block forced; freed memory {'kept in the process' if kept else 'returned (glibc defaults)'}; "
+        f"top-{TOP_K}, own block forced, routing per {'query block' if args.routing == 'block' else 'token'}; freed memory {'kept in the process' if kept else 'returned (glibc defaults)'}; "
         + machine(device),
         "",
         "| batch x heads x head dim | sequence | block | mask | pass | "
@@ -151,7 +167,9 @@ def main() -> None:
     ]
     print("\n".join(lines), flush=True)
     cases = [
-        (1, HEADS, HEAD_DIM, int(n), BLOCK, causal, False) for n in args.lengths.split(",") for causal in (True, False)
+        (1, HEADS, HEAD_DIM, int(n), BLOCK, causal, False)
+        for n in args.lengths.split(",")
+        for causal in ((True, False) if args.routing == "token" else (False,))  # block routing: non-causal only
     ]
     if args.vit:
         cases += [(128, 4, 16, n, block, False, True) for n, block in VIT_SHAPES]
@@ -162,7 +180,7 @@ def main() -> None:
         for backward in (False, True):
             for t in inputs:
                 t.requires_grad_(backward)
-            samples = time_all(kinds, inputs, causal, backward, args.reps, device, block)
+            samples = time_all(kinds, inputs, causal, backward, args.reps, device, block, args.routing)
             fastest = [min(values) for values in zip(*(samples[kind] for kind in kinds[1:]))]
             ratio = statistics.median(d / m for d, m in zip(samples["dense"], fastest))
             times = " | ".join(f"{statistics.median(samples[kind]):.1f}" for kind in kinds)

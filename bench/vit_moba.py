@@ -11,7 +11,8 @@ seed (`--seeds`; the models of a seed start from the same seed). The table gives
 accuracy over the seeds, each seed's, and the mean of the per-seed differences from dense.
 `--train N` trains on the first N training images (all 10,000 test images are always scored).
 `--hybrid L` adds the hybrid to `--models`: MoBA with its last L layers on dense attention. `--models`
-picks which of dense, moba and hybrid (last layer dense unless `--hybrid` says otherwise) to
+picks which of dense, moba, hybrid (last layer dense unless `--hybrid` says otherwise) and block
+(MoBA with per-query-block routing: each tile of queries picks its blocks by its mean query) to
 train; without dense in the same run the table has no differences or speed-ups.
 Each epoch of each run is reported on stderr as it ends; the table comes on stdout at the end.
 """
@@ -31,7 +32,7 @@ from neuroplast.train import RunConfig
 from neuroplast.train.trainer import train
 
 BLOCKS = {1: 16, 2: 14, 4: 7}  # patch size -> MoBA block (a square-ish tile of the patch grid)
-MODELS = ("dense", "moba", "hybrid")
+MODELS = ("dense", "moba", "hybrid", "block")
 
 
 def progress_lines(run: str):
@@ -54,7 +55,7 @@ def main() -> None:
         "--hybrid", type=int, default=0, help="the hybrid's dense last layers; > 0 also adds the hybrid to --models"
     )
     parser.add_argument(
-        "--models", default="dense,moba", help="comma-separated: dense, moba, hybrid (default: dense,moba)"
+        "--models", default="dense,moba", help="comma-separated: dense, moba, hybrid, block (default: dense,moba)"
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out")
@@ -78,7 +79,16 @@ def main() -> None:
     if args.hybrid and "hybrid" not in names:
         names.append("hybrid")
     hybrid_layers = args.hybrid or 1
-    models = [("moba", hybrid_layers) if name == "hybrid" else (name, 0) for name in names]
+    # (attention, dense last layers, routing, row name)
+    models = [
+        {
+            "dense": ("dense", 0, "token", "dense"),
+            "moba": ("moba", 0, "token", "moba"),
+            "hybrid": ("moba", hybrid_layers, "token", f"moba, last {hybrid_layers} dense"),
+            "block": ("moba", 0, "block", "moba, block routing"),
+        }[name]
+        for name in names
+    ]
     torch.set_num_threads(args.threads)
     data = load_dataset("fashion-mnist")
     data = replace(data, x_train=data.x_train[: args.train], y_train=data.y_train[: args.train])
@@ -100,13 +110,14 @@ def main() -> None:
         seconds: dict[str, list[float]] = {}
         tokens = (28 // patch) ** 2
         for seed in seeds:
-            for attention, full_layers in models:
+            for attention, full_layers, routing, name in models:
                 config = RunConfig(
                     dataset="fashion-mnist",
                     model="vit",
                     method="dense",
                     attention=attention,
                     full_layers=full_layers,
+                    routing=routing,
                     patch_size=patch,
                     block_size=BLOCKS[patch],
                     top_k=args.top_k,
@@ -118,7 +129,6 @@ def main() -> None:
                     lr_schedule="cosine",
                     seed=seed,
                 )
-                name = attention if not full_layers else f"moba, last {full_layers} dense"
                 epoch_seconds: list[float] = []
                 summary = train(
                     config,

@@ -507,3 +507,134 @@ def test_gather_labels_its_pieces_for_the_profiler():
     counts = {event.key: event.count for event in prof.key_averages()}
     pieces = ["routing", "plan", "groups", "own blocks", "merge", "groups, backward", "own blocks, backward"]
     assert {piece: counts.get(f"moba: {piece}") for piece in pieces} == dict.fromkeys(pieces, 1)
+
+
+# per-query-block routing (non-causal): all queries of a block share the blocks its mean query chose
+
+BLOCK_CASES = [
+    # n, block, top_k, force_own, heads, kv_heads
+    (37, 8, 3, True, 4, 2),  # short last block (of queries and of keys), GQA
+    (50, 7, 3, False, 3, 1),
+    (45, 9, 2, True, 2, 2),
+    (64, 16, 1, True, 1, 1),  # k = 1: the own block only
+    (9, 8, 3, False, 2, 2),  # a full block and a one-token block
+]
+BLOCK_IMPLEMENTATIONS = ["reference", "tiles", *FAST]
+
+
+@torch.no_grad()
+def block_oracle(q, k, v, block_size, top_k, force_own):
+    """Per-query-block routing from its definition, one query block at a time: the mean of the
+    block's real queries scores each key block's mean key; every query of the block attends to
+    the chosen blocks' keys."""
+    batch, heads, n, dim = q.shape
+    k = k.repeat_interleave(heads // k.shape[1], 1)
+    v = v.repeat_interleave(heads // v.shape[1], 1)
+    blocks = math.ceil(n / block_size)
+    out = torch.zeros(batch, heads, n, dim, dtype=q.dtype)
+    span = lambda i: slice(i * block_size, min((i + 1) * block_size, n))  # noqa: E731
+    for b in range(batch):
+        for h in range(heads):
+            centroids = torch.stack([k[b, h, span(j)].float().mean(0) for j in range(blocks)])
+            for i in range(blocks):
+                scores = q[b, h, span(i)].float().mean(0) @ centroids.t()
+                candidates = [j for j in range(blocks) if not (force_own and j == i)]
+                count = top_k - 1 if force_own else top_k
+                chosen = set(sorted(candidates, key=lambda j: -float(scores[j]))[: max(count, 0)])
+                chosen |= {i} if force_own else set()
+                keys = [t for t in range(n) if t // block_size in chosen]
+                logits = (q[b, h, span(i)] @ k[b, h, keys].t()) / math.sqrt(dim)
+                out[b, h, span(i)] = logits.softmax(-1) @ v[b, h, keys]
+    return out
+
+
+@pytest.mark.parametrize("n,block,top_k,force_own,heads,kv_heads", BLOCK_CASES)
+@pytest.mark.parametrize("implementation", BLOCK_IMPLEMENTATIONS)
+def test_block_routing_matches_the_per_block_oracle(
+    n, block, top_k, force_own, heads, kv_heads, implementation, monkeypatch
+):
+    implementation = use(implementation, monkeypatch)
+    q, k, v = rand(2, heads, n, 8, seed=90), rand(2, kv_heads, n, 8, seed=91), rand(2, kv_heads, n, 8, seed=92)
+    out = moba_attention(
+        q, k, v, block, top_k, causal=False, force_own_block=force_own, implementation=implementation, routing="block"
+    )
+    torch.testing.assert_close(out, block_oracle(q, k, v, block, top_k, force_own))
+
+
+def test_flex_forward_with_block_routing_matches_the_per_block_oracle():
+    skip_without_flex()
+    q, k, v = (rand(2, h, 37, 8, seed=s, grad=False) for h, s in ((4, 90), (2, 91), (2, 92)))
+    out = moba_attention(q, k, v, 8, 3, causal=False, force_own_block=True, implementation="flex", routing="block")
+    torch.testing.assert_close(out, block_oracle(q, k, v, 8, 3, True))
+
+
+@pytest.mark.parametrize("n,block,top_k,force_own,heads,kv_heads", BLOCK_CASES)
+@pytest.mark.parametrize("conv", [None, 3])
+@pytest.mark.parametrize("implementation", ["tiles", *FAST])
+def test_block_routing_gradients_equal_the_reference(
+    n, block, top_k, force_own, heads, kv_heads, conv, implementation, monkeypatch
+):
+    implementation = use(implementation, monkeypatch)
+    q, k, v = rand(2, heads, n, 8, seed=93), rand(2, kv_heads, n, 8, seed=94), rand(2, kv_heads, n, 8, seed=95)
+    weight = rand(kv_heads, 8, conv, seed=96) if conv else None
+    inputs = (q, k, v) + ((weight,) if conv else ())
+    assert_same_as_reference(
+        implementation, q, k, v, block, top_k, False, force_own, key_conv=weight, wrt=inputs, routing="block"
+    )
+
+
+@pytest.mark.parametrize("n,block,top_k,force_own", [(301, 24, 2, False), (299, 40, 3, True), (256, 64, 3, True)])
+def test_tiles_float32_outputs_and_gradients_match_the_reference(n, block, top_k, force_own):
+    q, k, v = (rand(2, 4, n, 16, seed=s, grad=False).float().requires_grad_() for s in (97, 98, 99))
+    assert_same_as_reference("tiles", q, k, v, block, top_k, False, force_own, atol=2e-5, rtol=1e-4, routing="block")
+
+
+@pytest.mark.parametrize("force_own", [True, False])
+def test_block_routing_covering_every_block_is_dense_attention(force_own):
+    q, k, v = rand(2, 4, 45, 8, seed=100), rand(2, 4, 45, 8, seed=101), rand(2, 4, 45, 8, seed=102)
+    out = moba_attention(q, k, v, 8, 6, causal=False, force_own_block=force_own, routing="block")  # 6 blocks
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
+
+
+def test_block_routing_shares_each_blocks_choice_and_auto_takes_tiles(monkeypatch):
+    q, k = rand(1, 2, 64, 8, seed=103, grad=False), rand(1, 2, 64, 8, seed=104, grad=False)
+    chosen, valid = moba_impl.select_blocks(q, k, 8, 3, False, True, routing="block")
+    per_block, _ = moba_impl.select_query_blocks(q, k, 8, 3, True)
+    assert valid.all() and torch.equal(chosen, per_block.repeat_interleave(8, dim=2))
+    assert not (per_block == torch.arange(8)[:, None]).any()  # the forced own block is not chosen again
+    by_token, _ = moba_impl.select_blocks(q, k, 8, 3, False, True)
+    assert not torch.equal(chosen, by_token)  # a different rule: queries of a block disagree
+    taken = []
+    monkeypatch.setattr(moba_impl.tiles, "attention", lambda q, *a: taken.append("tiles") or torch.zeros_like(q))
+    moba_attention(q, k, k, 8, 3, causal=False, routing="block")
+    assert taken == ["tiles"]
+
+
+def test_block_routing_refuses_causal_attention_and_tiles_needs_it():
+    q = rand(1, 2, 40, 8, seed=105)
+    with pytest.raises(ValueError, match="routing 'block' needs causal=False.*use routing='token'"):
+        moba_attention(q, q, q, 8, 2, causal=True, routing="block")
+    with pytest.raises(ValueError, match="'tiles' needs routing='block'.*choose from: auto, flex"):
+        moba_attention(q, q, q, 8, 2, causal=False, implementation="tiles")
+    with pytest.raises(ValueError, match="unknown routing 'blocks'; choose from: token, block"):
+        moba_attention(q, q, q, 8, 2, causal=False, routing="blocks")
+
+
+def test_module_with_block_routing_computes_tiles_and_refuses_causal():
+    torch.manual_seed(0)
+    layer = MoBAttention(
+        16, 2, block_size=4, top_k=2, grid=(4, 4), tile=(2, 2), routing="block", implementation="tiles"
+    )
+    x = torch.randn(2, 16, 16)
+    taken = []
+    real = moba_impl.tiles.attention
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(moba_impl.tiles, "attention", lambda *a: taken.append("tiles") or real(*a))
+        out = layer(x)
+    assert taken == ["tiles"] and "routing=block" in repr(layer)
+    layer.implementation = "reference"
+    torch.testing.assert_close(out, layer(x))
+    with pytest.raises(ValueError, match="routing 'block' needs causal=False"):
+        MoBAttention(16, 2, block_size=4, top_k=2, causal=True, routing="block")
+    with pytest.raises(ValueError, match="unknown routing 'x'; choose from: token, block"):
+        MoBAttention(16, 2, block_size=4, top_k=2, routing="x")

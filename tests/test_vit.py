@@ -103,3 +103,28 @@ def test_a_config_saved_before_a_setting_existed_reads_as_its_default():
     saved = {k: v for k, v in RunConfig().__dict__.items() if k != "top_k"}
     assert RunConfig().changed_from(saved) == []
     assert RunConfig(top_k=5).changed_from(saved) == ["top_k"]
+
+
+def test_vit_with_block_routing_trains_and_its_layers_read_shared_blocks(tmp_path):
+    """routing="block" reaches every MoBA layer, covers every block like dense attention, trains
+    from the config, and bad values are named."""
+    torch.manual_seed(0)
+    kwargs = dict(patch_size=1, dim=16, depth=2, heads=2, attention="moba", block_size=16)
+    block = ViT((1, 8, 8), 10, top_k=4, routing="block", **kwargs)
+    assert all(b.attention.routing == "block" for b in block.blocks)
+    dense = ViT((1, 8, 8), 10, patch_size=1, dim=16, depth=2, heads=2, attention="dense")
+    dense.load_state_dict(block.state_dict())
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(block(x), dense(x), atol=1e-5, rtol=1e-5)
+    by_token = ViT((1, 8, 8), 10, top_k=2, **kwargs)
+    by_block = ViT((1, 8, 8), 10, top_k=2, routing="block", **kwargs)
+    by_block.load_state_dict(by_token.state_dict())
+    assert not torch.allclose(by_block(x), by_token(x), atol=1e-4)
+    config = RunConfig(
+        dataset="digits", model="vit", attention="moba", routing="block", patch_size=2, block_size=4, top_k=2,
+        vit_dim=32, vit_depth=2, vit_heads=2, method="dense", epochs=5, batch_size=32, optimizer="adamw", lr=3e-3,
+        weight_decay=0.0,
+    )  # fmt: skip
+    assert train(config, tmp_path, progress=False, log=None)["final_test_accuracy"] > 0.5
+    with pytest.raises(ConfigError, match="unknown routing 'tile'; choose from: token, block"):
+        RunConfig(routing="tile").validate()

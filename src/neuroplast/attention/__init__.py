@@ -5,11 +5,13 @@ from neuroplast.attention import kernels
 from neuroplast.attention.layers import ATTENTIONS, MoBAttention
 from neuroplast.attention.moba import (
     IMPLEMENTATIONS,
+    ROUTINGS,
     inverse_order,
     key_convolution,
     moba_attention,
     moba_attention_packed,
     select_blocks,
+    select_query_blocks,
     selection_mask,
     tile_order,
 )
@@ -18,12 +20,14 @@ __all__ = [
     "ATTENTIONS",
     "IMPLEMENTATIONS",
     "MoBAttention",
+    "ROUTINGS",
     "inverse_order",
     "kernels",
     "key_convolution",
     "moba_attention",
     "moba_attention_packed",
     "select_blocks",
+    "select_query_blocks",
     "selection_mask",
     "tile_order",
 ]

@@ -8,6 +8,7 @@ from torch import nn
 
 from neuroplast.attention.moba import (
     IMPLEMENTATIONS,
+    ROUTINGS,
     expand_kv_heads,
     head_views,
     inverse_order,
@@ -28,7 +29,9 @@ class MoBAttention(nn.Module):
     identity. grid / tile: for image tokens, the (rows, cols) patch grid and the (rows, cols)
     tile that makes one block: tokens are reordered tile by tile before attention and put back
     after, so a block is a square tile rather than a raster strip (block_size must equal the
-    tile's area).
+    tile's area). routing: "token" (each query picks its blocks, as in the MoBA paper) or
+    "block" (non-causal: a block of queries picks by its mean query, and all of them read the
+    same blocks; computed as tiles).
     """
 
     def __init__(
@@ -45,6 +48,7 @@ class MoBAttention(nn.Module):
         tile: tuple[int, int] | None = None,
         full: bool = False,
         implementation: str = "auto",
+        routing: str = "token",
     ):
         super().__init__()
         kv_heads = kv_heads or heads
@@ -54,6 +58,10 @@ class MoBAttention(nn.Module):
             raise ValueError(f"heads {heads} is not a multiple of kv_heads {kv_heads}")
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(f"unknown implementation {implementation!r}; choose from: {', '.join(IMPLEMENTATIONS)}")
+        if routing not in ROUTINGS:
+            raise ValueError(f"unknown routing {routing!r}; choose from: {', '.join(ROUTINGS)}")
+        if routing == "block" and causal and not full:
+            raise ValueError("routing 'block' needs causal=False (a block's mean query sees later tokens)")
         if (grid is None) != (tile is None):
             raise ValueError("give both grid and tile (or neither)")
         if tile is not None and tile[0] * tile[1] != block_size:
@@ -63,6 +71,7 @@ class MoBAttention(nn.Module):
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
         self.block_size, self.top_k, self.causal = block_size, top_k, causal
         self.force_own_block, self.full, self.implementation = force_own_block, full, implementation
+        self.routing = routing
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * kv_heads * self.head_dim)
         self.out = nn.Linear(dim, dim)
@@ -102,10 +111,11 @@ class MoBAttention(nn.Module):
                 force_own_block=self.force_own_block,
                 key_conv=self.key_conv,
                 implementation=self.implementation,
+                routing=self.routing,
             )
         y = self.out(y.reshape(batch, n, dim))
         return y[:, self.restore] if self.restore is not None else y
 
     def extra_repr(self) -> str:
-        kind = "full" if self.full else f"moba block={self.block_size} top_k={self.top_k}"
+        kind = "full" if self.full else f"moba block={self.block_size} top_k={self.top_k} routing={self.routing}"
         return f"heads={self.heads}, kv_heads={self.kv_heads}, {kind}, causal={self.causal}"

@@ -53,7 +53,8 @@ class ViT(nn.Module):
     attention: "dense" or "moba" (non-causal; each block of `block_size` tokens is a square tile
     of the patch grid; `top_k` blocks per query, the own block among them unless
     own_block=False). full_layers: the last layers use dense attention (MoBA's hybrid).
-    key_conv: width of MoBA's optional key convolution (None: off).
+    key_conv: width of MoBA's optional key convolution (None: off). routing: MoBA's "token"
+    (per query, the paper's) or "block" (per tile of queries, by its mean query).
     """
 
     def __init__(
@@ -71,6 +72,7 @@ class ViT(nn.Module):
         own_block: bool = True,
         full_layers: int = 0,
         key_conv: int | None = None,
+        routing: str = "token",
         dropout: float = 0.0,
     ):
         super().__init__()
@@ -106,6 +108,7 @@ class ViT(nn.Module):
                 force_own_block=own_block,
                 key_conv=key_conv,
                 full=full,
+                routing=routing,
             )
             blocks.append(Block(dim, mixer, mlp_ratio, dropout))
         self.blocks = nn.Sequential(*blocks)

@@ -8,7 +8,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from neuroplast.attention import ATTENTIONS
+from neuroplast.attention import ATTENTIONS, ROUTINGS
 from neuroplast.data import DATASETS
 from neuroplast.dst import METHODS
 from neuroplast.dst.schedules import ANNEALS
@@ -60,6 +60,7 @@ class RunConfig:
     own_block: bool = True  # MoBA: always attend to the query's own block
     full_layers: int = 0  # MoBA: the last layers use dense attention (hybrid)
     key_conv: int | None = None  # MoBA: width of the depthwise key convolution (None: off)
+    routing: str = "token"  # MoBA: token (each query picks its blocks) or block (per tile of queries)
     # sparsity
     method: str = "set"
     density: float = 0.05
@@ -114,6 +115,7 @@ class RunConfig:
             "lr_schedule": LR_SCHEDULES,
             "device": DEVICES,
             "attention": ATTENTIONS,
+            "routing": ROUTINGS,
         }
         for key, valid in choices.items():
             value = getattr(self, key)

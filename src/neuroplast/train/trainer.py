@@ -136,6 +136,7 @@ class Run:
             own_block=config.own_block,
             full_layers=config.full_layers,
             key_conv=config.key_conv,
+            routing=config.routing,
         )
         try:
             self.model = build_model(
