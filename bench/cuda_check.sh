@@ -3,17 +3,20 @@
 #
 #     bash bench/cuda_check.sh [RESULTS_DIR]
 #
-# 1. tests: the FlexAttention path against the reference on CUDA (outputs and gradients), and the
-#    rest of the flex tests (tests/test_attention.py -k "cuda or flex");
+# 1. tests: the CUDA tests (flex, gather and tiles against the reference: fp32 outputs and
+#    gradients, the bf16 forward, a ViT-shaped layer) and the CPU tests of flex
+#    (tests/test_attention.py -k "cuda or flex");
 # 2. bench-128k: bench/attention.py in bf16 at 131072 tokens, the length of the GPU goal
 #    (MoBA >= 10x dense), first, so that it is measured even if the rest runs out of time;
-# 3. bench: the same at 32K and 64K (REST_LENGTHS; add 1024,4096,16384 for the short ones).
+# 3. bench: the same at 32K and 64K (REST_LENGTHS; add 1024,4096,16384 for the short ones);
+# 4. bench-block: per-query-block routing (`tiles`, non-causal) at 32K-128K.
 #
-# Each step is held to its own time limit (seconds: TESTS_LIMIT 210, LONG_LIMIT 180, REST_LIMIT
-# 150 by default, under 9 minutes in all; FlexAttention compiles once per shape and pass, which
-# takes most of a step's time), so one slow compile cannot take the others' time. Logs and tables go to RESULTS_DIR
-# (default: cuda-check). The package is used from src/ (PYTHONPATH), so nothing is installed;
-# PYTHON picks the interpreter (default: python3). Exits 2 without CUDA, 1 if a step failed.
+# Each step is held to its own time limit (seconds: TESTS_LIMIT 170, LONG_LIMIT 170, REST_LIMIT
+# 150, BLOCK_LIMIT 90 by default, under 10 minutes in all; FlexAttention compiles once per
+# shape and pass, which takes most of a step's time), so one slow compile cannot take the
+# others' time. Logs and tables go to RESULTS_DIR (default: cuda-check). The package is used
+# from src/ (PYTHONPATH), so nothing is installed; PYTHON picks the interpreter (default:
+# python3). Exits 2 without CUDA, 1 if a step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 results=${1:-cuda-check}
@@ -40,11 +43,13 @@ step() {  # step NAME LIMIT COMMAND...: run it under its time limit, log in RESU
     [ "$rc" -eq 0 ] || failed+=("$name")
 }
 
-step tests "${TESTS_LIMIT:-210}" "$python" -m pytest -q -p no:cacheprovider tests/test_attention.py -k "cuda or flex"
-step bench-128k "${LONG_LIMIT:-180}" "$python" bench/attention.py --device cuda --lengths 131072 \
+step tests "${TESTS_LIMIT:-170}" "$python" -m pytest -q -p no:cacheprovider tests/test_attention.py -k "cuda or flex"
+step bench-128k "${LONG_LIMIT:-170}" "$python" bench/attention.py --device cuda --lengths 131072 \
     --out "$results/attention_128k.md"
 step bench "${REST_LIMIT:-150}" "$python" bench/attention.py --device cuda --lengths "${REST_LENGTHS:-32768,65536}" \
     --out "$results/attention.md"
+step bench-block "${BLOCK_LIMIT:-90}" "$python" bench/attention.py --device cuda --routing block \
+    --lengths 32768,65536,131072 --out "$results/attention_block.md"
 
 if [ ${#failed[@]} -gt 0 ]; then
     echo "cuda_check: failed: ${failed[*]} (logs in $results)" >&2

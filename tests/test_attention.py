@@ -456,6 +456,22 @@ def test_cuda_bfloat16_forward_is_close_to_the_float32_reference(causal, impleme
 
 
 @needs_cuda
+@pytest.mark.parametrize("n,block,top_k,force_own", [(301, 24, 2, False), (299, 40, 3, True)])
+def test_tiles_on_cuda_match_the_reference(n, block, top_k, force_own):
+    """Block routing's tiles on CUDA: fp32 outputs and gradients equal the reference's, and the
+    bf16 forward is close to the fp32 reference (PyTorch's fused attention in both)."""
+    q = rand(2, 4, n, 16, seed=110, grad=False).float().cuda().requires_grad_()
+    k, v = (rand(2, 2, n, 16, seed=s, grad=False).float().cuda().requires_grad_() for s in (111, 112))
+    options = dict(causal=False, force_own_block=force_own, routing="block")
+    assert_same_as_reference("tiles", q, k, v, block, top_k, atol=2e-4, rtol=1e-3, **options)
+    with torch.no_grad():
+        out = moba_attention(*(x.bfloat16() for x in (q, k, v)), block, top_k, implementation="tiles", **options)
+        exact = moba_attention(q, k, v, block, top_k, implementation="reference", **options)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), exact, atol=2e-2, rtol=2e-2)
+
+
+@needs_cuda
 def test_auto_takes_flex_on_cuda_and_a_moba_layer_trains_there_as_on_cpu():
     """`auto` resolves to flex on CUDA; a ViT-shaped MoBA layer (784 pixel tokens in 4x4 tiles)
     gives the same output and parameter gradients on CUDA as the reference on CPU."""

@@ -43,7 +43,7 @@ HELP = {
     "full_layers": "vit with moba: the last N layers use dense attention",
     "key_conv": "vit with moba: width of a depthwise convolution on the keys (default: off)",
     "routing": "vit with moba: token (each query picks its blocks, as in the MoBA paper) or block "
-    "(each tile of queries picks by its mean query; faster)",
+    "(each tile of queries picks its blocks by its mean query)",
     "hidden": "MLP hidden widths, comma-separated",
     "method": f"DST method: {', '.join(METHODS)}",
     "density": "fraction of live weights in the sparse layers, in (0, 1] (0.05 = 95%% sparsity)",
