@@ -16,7 +16,8 @@ median of per-round ratios. On CUDA (`--device cuda`) `gather` and `flex` (FlexA
 compiled) run, in bf16; `--lengths` can add longer sequences (e.g. 32768,65536,131072).
 `--routing block` times per-query-block routing instead (non-causal only: each block of queries
 picks its key blocks by its mean query): MoBA runs as `tiles` (one fused attention call over all
-query blocks and their gathered key blocks) and, on CPU, as `kernel`.
+query blocks and their gathered key blocks) and, on CPU, as `kernel`; per-token `gather` runs
+beside them (its own ratio in the last column), so that the two rules compare in one process.
 `--profile` (CPU) then times `gather` piece by piece at the longest length (torch profiler: the
 routing, the plan of the groups, the groups' attention, the own blocks, the merge, and their
 backward passes), with the aten ops that take the most time.
@@ -65,7 +66,12 @@ def heads_of(inputs):
     return inputs if len(inputs) == 3 else head_views(*inputs)
 
 
+TOKEN_GATHER = "gather, per token"  # with --routing block: the per-token path, for comparison
+
+
 def run(kind: str, inputs, causal: bool, backward: bool, block: int, routing: str = "token") -> None:
+    if kind == TOKEN_GATHER:
+        kind, routing = "gather", "token"
     options = dict(causal=causal, force_own_block=True, implementation=kind, routing=routing)
     if kind == "dense":
         out = F.scaled_dot_product_attention(*heads_of(inputs), is_causal=causal)
@@ -152,7 +158,7 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.routing == "block":
-        kinds = ["dense", "tiles"] + (["kernel"] if device.type == "cpu" else [])
+        kinds = ["dense", "tiles"] + (["kernel"] if device.type == "cpu" else []) + [TOKEN_GATHER]
     else:
         kinds = ["dense", "gather"] + (["kernel"] if device.type == "cpu" else ["flex"])
     lines = [
@@ -162,8 +168,9 @@ def main() -> None:
         "",
         "| batch x heads x head dim | sequence | block | mask | pass | "
         + " | ".join(f"{kind} ms" for kind in kinds)
-        + " | MoBA vs dense |",
-        "|---" * (6 + len(kinds)) + "|",
+        + " | MoBA vs dense |"
+        + (" per token vs dense |" if TOKEN_GATHER in kinds else ""),
+        "|---" * (6 + len(kinds) + (TOKEN_GATHER in kinds)) + "|",
     ]
     print("\n".join(lines), flush=True)
     cases = [
@@ -181,12 +188,17 @@ def main() -> None:
             for t in inputs:
                 t.requires_grad_(backward)
             samples = time_all(kinds, inputs, causal, backward, args.reps, device, block, args.routing)
-            fastest = [min(values) for values in zip(*(samples[kind] for kind in kinds[1:]))]
+            moba = [kind for kind in kinds[1:] if kind != TOKEN_GATHER]
+            fastest = [min(values) for values in zip(*(samples[kind] for kind in moba))]
             ratio = statistics.median(d / m for d, m in zip(samples["dense"], fastest))
             times = " | ".join(f"{statistics.median(samples[kind]):.1f}" for kind in kinds)
+            ratios = f"{ratio:.2f}x"
+            if TOKEN_GATHER in kinds:
+                token = statistics.median(d / m for d, m in zip(samples["dense"], samples[TOKEN_GATHER]))
+                ratios += f" | {token:.2f}x"
             row = (
                 f"| {batch} x {heads} x {dim} | {n} | {block} | {'causal' if causal else 'non-causal'} | "
-                f"{'fwd+bwd' if backward else 'fwd'} | {times} | {ratio:.2f}x |"
+                f"{'fwd+bwd' if backward else 'fwd'} | {times} | {ratios} |"
             )
             lines.append(row)
             print(row, flush=True)

@@ -11,8 +11,8 @@
 # 3. bench: the same at 32K and 64K (REST_LENGTHS; add 1024,4096,16384 for the short ones);
 # 4. bench-block: per-query-block routing (`tiles`, non-causal) at 32K-128K.
 #
-# Each step is held to its own time limit (seconds: TESTS_LIMIT 170, LONG_LIMIT 170, REST_LIMIT
-# 150, BLOCK_LIMIT 90 by default, under 10 minutes in all; FlexAttention compiles once per
+# Each step is held to its own time limit (seconds: TESTS_LIMIT 150, LONG_LIMIT 150, REST_LIMIT
+# 130, BLOCK_LIMIT 80 by default, under 9 minutes in all; FlexAttention compiles once per
 # shape and pass, which takes most of a step's time), so one slow compile cannot take the
 # others' time. Logs and tables go to RESULTS_DIR (default: cuda-check). The package is used
 # from src/ (PYTHONPATH), so nothing is installed; PYTHON picks the interpreter (default:
@@ -39,16 +39,16 @@ step() {  # step NAME LIMIT COMMAND...: run it under its time limit, log in RESU
     local start=$SECONDS
     timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$results/$name.log"
     local rc=${PIPESTATUS[0]}
-    echo "== $name: exit $rc after $((SECONDS - start)) s$([ "$rc" -eq 124 ] && echo ' (time limit)')"
+    echo "== $name: exit $rc after $((SECONDS - start)) s$([ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && echo ' (time limit)')"
     [ "$rc" -eq 0 ] || failed+=("$name")
 }
 
-step tests "${TESTS_LIMIT:-170}" "$python" -m pytest -q -p no:cacheprovider tests/test_attention.py -k "cuda or flex"
-step bench-128k "${LONG_LIMIT:-170}" "$python" bench/attention.py --device cuda --lengths 131072 \
+step tests "${TESTS_LIMIT:-150}" "$python" -m pytest -q -p no:cacheprovider tests/test_attention.py -k "cuda or flex"
+step bench-128k "${LONG_LIMIT:-150}" "$python" bench/attention.py --device cuda --lengths 131072 \
     --out "$results/attention_128k.md"
-step bench "${REST_LIMIT:-150}" "$python" bench/attention.py --device cuda --lengths "${REST_LENGTHS:-32768,65536}" \
+step bench "${REST_LIMIT:-130}" "$python" bench/attention.py --device cuda --lengths "${REST_LENGTHS:-32768,65536}" \
     --out "$results/attention.md"
-step bench-block "${BLOCK_LIMIT:-90}" "$python" bench/attention.py --device cuda --routing block \
+step bench-block "${BLOCK_LIMIT:-80}" "$python" bench/attention.py --device cuda --routing block \
     --lengths 32768,65536,131072 --out "$results/attention_block.md"
 
 if [ ${#failed[@]} -gt 0 ]; then

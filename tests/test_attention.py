@@ -464,9 +464,10 @@ def test_tiles_on_cuda_match_the_reference(n, block, top_k, force_own):
     k, v = (rand(2, 2, n, 16, seed=s, grad=False).float().cuda().requires_grad_() for s in (111, 112))
     options = dict(causal=False, force_own_block=force_own, routing="block")
     assert_same_as_reference("tiles", q, k, v, block, top_k, atol=2e-4, rtol=1e-3, **options)
-    with torch.no_grad():
-        out = moba_attention(*(x.bfloat16() for x in (q, k, v)), block, top_k, implementation="tiles", **options)
-        exact = moba_attention(q, k, v, block, top_k, implementation="reference", **options)
+    with torch.no_grad():  # the fp32 reference of the bf16-rounded inputs: the same routing
+        rounded = [x.bfloat16() for x in (q, k, v)]
+        out = moba_attention(*rounded, block, top_k, implementation="tiles", **options)
+        exact = moba_attention(*(x.float() for x in rounded), block, top_k, implementation="reference", **options)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), exact, atol=2e-2, rtol=2e-2)
 
@@ -534,6 +535,8 @@ BLOCK_CASES = [
     (45, 9, 2, True, 2, 2),
     (64, 16, 1, True, 1, 1),  # k = 1: the own block only
     (9, 8, 3, False, 2, 2),  # a full block and a one-token block
+    (37, 8, 7, True, 4, 2),  # top_k past the 5 blocks, own block forced: each block once
+    (40, 8, 1, False, 2, 1),  # k = 1, no forced own block: one chosen block
 ]
 BLOCK_IMPLEMENTATIONS = ["reference", "tiles", *FAST]
 
@@ -613,10 +616,12 @@ def test_block_routing_covering_every_block_is_dense_attention(force_own):
 
 
 def test_block_routing_shares_each_blocks_choice_and_auto_takes_tiles(monkeypatch):
-    q, k = rand(1, 2, 64, 8, seed=103, grad=False), rand(1, 2, 64, 8, seed=104, grad=False)
+    q, k = rand(1, 2, 61, 8, seed=103, grad=False), rand(1, 2, 61, 8, seed=104, grad=False)  # short last block
     chosen, valid = moba_impl.select_blocks(q, k, 8, 3, False, True, routing="block")
     per_block, _ = moba_impl.select_query_blocks(q, k, 8, 3, True)
-    assert valid.all() and torch.equal(chosen, per_block.repeat_interleave(8, dim=2))
+    assert chosen.shape == (1, 2, 61, 2) and valid.all()
+    for t in range(61):  # every query holds its block's choice
+        assert torch.equal(chosen[:, :, t], per_block[:, :, t // 8])
     assert not (per_block == torch.arange(8)[:, None]).any()  # the forced own block is not chosen again
     by_token, _ = moba_impl.select_blocks(q, k, 8, 3, False, True)
     assert not torch.equal(chosen, by_token)  # a different rule: queries of a block disagree
@@ -624,6 +629,14 @@ def test_block_routing_shares_each_blocks_choice_and_auto_takes_tiles(monkeypatc
     monkeypatch.setattr(moba_impl.tiles, "attention", lambda q, *a: taken.append("tiles") or torch.zeros_like(q))
     moba_attention(q, k, k, 8, 3, causal=False, routing="block")
     assert taken == ["tiles"]
+
+
+@pytest.mark.parametrize("routing", ["token", "block"])
+def test_no_tokens_give_no_output(routing):
+    q = torch.zeros(1, 2, 0, 8)
+    assert moba_attention(q, q, q, 8, 2, causal=False, routing=routing).shape == q.shape
+    packed = moba_impl.moba_attention_packed(torch.zeros(1, 0, 2, 8), torch.zeros(1, 0, 2, 2, 8), 8, 2, causal=False)
+    assert packed.shape == (1, 0, 2, 8)
 
 
 def test_block_routing_refuses_causal_attention_and_tiles_needs_it():

@@ -11,6 +11,7 @@ from neuroplast.attention import inverse_order
 from neuroplast.models import ViT, build_model
 from neuroplast.models.vit import square_tile
 from neuroplast.train import ConfigError, RunConfig, train
+from neuroplast.train.trainer import Run
 
 
 @pytest.mark.parametrize(
@@ -126,5 +127,7 @@ def test_vit_with_block_routing_trains_and_its_layers_read_shared_blocks(tmp_pat
         weight_decay=0.0,
     )  # fmt: skip
     assert train(config, tmp_path, progress=False, log=None)["final_test_accuracy"] > 0.5
+    built = Run(config).model  # what the trainer trains
+    assert all(layer.attention.routing == "block" for layer in built.blocks)
     with pytest.raises(ConfigError, match="unknown routing 'tile'; choose from: token, block"):
         RunConfig(routing="tile").validate()

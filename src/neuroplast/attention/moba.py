@@ -197,6 +197,8 @@ def moba_attention(
     """
     _check(q, k, v, block_size, top_k, implementation, routing, causal)
     force_own_block = _own_block(causal, force_own_block)
+    if q.shape[2] == 0:  # no tokens: nothing to route or attend to
+        return q.new_zeros(q.shape)
     if key_conv is not None:
         k = key_convolution(k, key_conv, causal)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -239,6 +241,8 @@ def moba_attention_packed(
     heads = head_views(q, kv)
     _check(*heads, block_size, top_k, implementation, routing, causal)
     force_own_block = _own_block(causal, force_own_block)
+    if q.shape[1] == 0:
+        return q.new_zeros(q.shape)
     implementation = _resolve(implementation, heads[0], block_size, routing)
     kernel_dtype = q.dtype == kv.dtype and q.dtype in (torch.float32, torch.float64)
     if implementation != "kernel" or key_conv is not None or not kernel_dtype:
@@ -282,8 +286,9 @@ def _resolve(implementation: str, q: torch.Tensor, block_size: int, routing: str
         )
     if implementation == "auto" and routing == "block":
         # one fused attention call over all the tiles: faster than the kernel at 16K tokens
-        # (blocks of 128, heads of 64: 2.8x) and at 784 ViT tokens (blocks of 16, heads of 16:
-        # 1.2x), a little slower at 196 (`python bench/attention.py --routing block --vit`)
+        # (blocks of 128, heads of 64: 2.8x forward, 2.2x forward + backward) and at 784 ViT
+        # tokens (blocks of 16, heads of 16: 1.2-1.3x), slower at 196 for forward + backward
+        # (`python bench/attention.py --routing block --vit`)
         return "tiles"
     if implementation == "auto" and flex.preferred(q):
         return "flex"

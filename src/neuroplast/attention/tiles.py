@@ -3,8 +3,9 @@
 With `routing="block"` all queries of a block attend to the same k key blocks (the block's mean
 query chose them), so a query block and its k blocks form one small dense attention problem:
 its queries (a view, no gather) against the k blocks' keys and values, gathered once per query
-block. All the problems run in one call of PyTorch's fused attention (one "sequence" per query
-block), with no per-pair groups, no plan and no log-sum-exp merge; its backward pass is
+block. All the problems run in one call of PyTorch's fused attention (a query block is one
+"head" of a (batch x head) "sequence", so that no dimension of the call outgrows what GPU
+kernels launch), with no per-pair groups, no plan and no log-sum-exp merge; its backward pass is
 PyTorch's, and the gathers' backward adds each key block's gradients up. Only a short last
 block needs a mask (its padding keys). Memory beyond the inputs: k gathered copies of the keys
 and values.
@@ -24,8 +25,6 @@ def attention(q, k, v, block_size, chosen, force_own_block, scale) -> torch.Tens
     own block is read too. Returns (B, H, N, D)."""
     batch, heads, n, dim = q.shape
     kv_heads = k.shape[1]
-    if n == 0:
-        return torch.zeros_like(q)
     blocks = math.ceil(n / block_size)
     pad = blocks * block_size - n
     if pad:
@@ -35,20 +34,20 @@ def attention(q, k, v, block_size, chosen, force_own_block, scale) -> torch.Tens
         own = torch.arange(blocks, device=device).expand(batch, heads, blocks)[..., None]
         chosen = torch.cat([own, chosen], dim=-1)
     picks = chosen.shape[-1]
-    problems = batch * heads * blocks
+    sequences = batch * heads  # each with one "head" per query block
     # the key block (of B * Hkv * blocks) of each pick; query head h reads key head h // (H / Hkv)
     key_head = torch.arange(batch, device=device)[:, None] * kv_heads + torch.arange(heads, device=device) // (
         heads // kv_heads
     )
     index = (key_head[:, :, None, None] * blocks + chosen).reshape(-1)
     keys, values = (
-        x.reshape(batch * kv_heads * blocks, block_size, dim).index_select(0, index).view(problems, 1, -1, dim)
+        x.reshape(batch * kv_heads * blocks, block_size, dim).index_select(0, index).view(sequences, blocks, -1, dim)
         for x in (k, v)
     )
     mask = None
     if pad:  # the short last block's padding keys are never read
         real = torch.arange(block_size, device=device) < block_size - pad
-        mask = ((chosen != blocks - 1)[..., None] | real).reshape(problems, 1, 1, picks * block_size)
-    queries = q.reshape(problems, 1, block_size, dim)
+        mask = ((chosen != blocks - 1)[..., None] | real).reshape(sequences, blocks, 1, picks * block_size)
+    queries = q.reshape(sequences, blocks, block_size, dim)
     out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
     return out.view(batch, heads, blocks * block_size, dim)[:, :, :n]
