@@ -286,8 +286,8 @@ def _resolve(implementation: str, q: torch.Tensor, block_size: int, routing: str
         )
     if implementation == "auto" and routing == "block":
         # one fused attention call over all the tiles: faster than the kernel at 16K tokens
-        # (blocks of 128, heads of 64: 2.8x forward, 2.2x forward + backward) and at 784 ViT
-        # tokens (blocks of 16, heads of 16: 1.2-1.3x), slower at 196 for forward + backward
+        # (blocks of 128, heads of 64: 2.7x forward, 1.9x forward + backward) and at 784 ViT
+        # tokens (blocks of 16, heads of 16: 1.1-1.2x), slower at 196 for forward + backward
         # (`python bench/attention.py --routing block --vit`)
         return "tiles"
     if implementation == "auto" and flex.preferred(q):
