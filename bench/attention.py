@@ -161,10 +161,11 @@ def main() -> None:
         kinds = ["dense", "tiles"] + (["kernel"] if device.type == "cpu" else []) + [TOKEN_GATHER]
     else:
         kinds = ["dense", "gather"] + (["kernel"] if device.type == "cpu" else ["flex"])
+    per = "query block" if args.routing == "block" else "token"
+    memory = "kept in the process" if kept else "returned (glibc defaults)"
     lines = [
         f"{dtype}, {device}, {torch.get_num_threads()} threads, median of {args.reps}; torch {torch.__version__}; "
-        f"top-{TOP_K}, own block forced, routing per {'query block' if args.routing == 'block' else 'token'}; freed memory {'kept in the process' if kept else 'returned (glibc defaults)'}; "
-        + machine(device),
+        f"top-{TOP_K}, own block forced, routing per {per}; freed memory {memory}; " + machine(device),
         "",
         "| batch x heads x head dim | sequence | block | mask | pass | "
         + " | ".join(f"{kind} ms" for kind in kinds)

@@ -8,7 +8,7 @@ from torch import nn
 
 from neuroplast.attention.moba import (
     IMPLEMENTATIONS,
-    ROUTINGS,
+    check_routing,
     expand_kv_heads,
     head_views,
     inverse_order,
@@ -58,10 +58,7 @@ class MoBAttention(nn.Module):
             raise ValueError(f"heads {heads} is not a multiple of kv_heads {kv_heads}")
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(f"unknown implementation {implementation!r}; choose from: {', '.join(IMPLEMENTATIONS)}")
-        if routing not in ROUTINGS:
-            raise ValueError(f"unknown routing {routing!r}; choose from: {', '.join(ROUTINGS)}")
-        if routing == "block" and causal and not full:
-            raise ValueError("routing 'block' needs causal=False (a block's mean query sees later tokens)")
+        check_routing(routing, causal and not full)  # dense layers route nothing
         if (grid is None) != (tile is None):
             raise ValueError("give both grid and tile (or neither)")
         if tile is not None and tile[0] * tile[1] != block_size:

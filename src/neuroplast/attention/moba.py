@@ -144,7 +144,19 @@ def _select_blocks(q, k, block_size, top_k, causal, force_own_block):
     return chosen, values > float("-inf")
 
 
-def _check(q, k, v, block_size, top_k, implementation, routing="token", causal=False) -> None:
+def check_routing(routing: str, causal: bool) -> None:
+    """An error naming the choices for an unknown routing, and for block routing with causal
+    attention (a block's mean query includes later tokens)."""
+    if routing not in ROUTINGS:
+        raise ValueError(f"unknown routing {routing!r}; choose from: {', '.join(ROUTINGS)}")
+    if routing == "block" and causal:
+        raise ValueError(
+            "routing 'block' needs causal=False: a block's mean query includes later tokens, which a "
+            "causal query must not see; use routing='token'"
+        )
+
+
+def _check(q, k, v, block_size, top_k, implementation, routing, causal) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k, v must be (batch, heads, sequence, head_dim)")
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
@@ -157,13 +169,7 @@ def _check(q, k, v, block_size, top_k, implementation, routing="token", causal=F
         raise ValueError(f"top_k {top_k!r} must be >= 1")
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown implementation {implementation!r}; choose from: {', '.join(IMPLEMENTATIONS)}")
-    if routing not in ROUTINGS:
-        raise ValueError(f"unknown routing {routing!r}; choose from: {', '.join(ROUTINGS)}")
-    if routing == "block" and causal:
-        raise ValueError(
-            "routing 'block' needs causal=False: a block's mean query includes later tokens, which a "
-            "causal query must not see; use routing='token'"
-        )
+    check_routing(routing, causal)
 
 
 def moba_attention(
