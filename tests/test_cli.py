@@ -26,7 +26,7 @@ def run(capsys, *argv):
     "argv,expected",
     [
         (["--dataset", "imagenet"], "unknown dataset 'imagenet'; choose from: digits, mnist, fashion-mnist, cifar10"),
-        (["--model", "resnet"], "unknown model 'resnet'; choose from: mlp, cnn"),
+        (["--model", "resnet"], "unknown model 'resnet'; choose from: linear, mlp, cnn"),
         (["--method", "magic"], "unknown method 'magic'; choose from: dense, static, set, rigl, snfs, "),
         (["--density", "0"], "density 0.0 is outside (0, 1]"),
         (["--density", "1.5"], "density 1.5 is outside (0, 1]"),

@@ -12,6 +12,7 @@ from pathlib import Path
 from neuroplast import __version__
 from neuroplast.data import DataError, is_available_offline
 from neuroplast.dst import METHODS
+from neuroplast.federated.config import FederatedConfig
 from neuroplast.train import ConfigError, RunConfig, load_toml
 from neuroplast.train.config import field_kind
 
@@ -34,7 +35,7 @@ def _int_list(text: str) -> list[int]:
 
 HELP = {
     "dataset": "digits (offline), mnist, fashion-mnist, cifar10",
-    "model": "mlp, cnn or vit",
+    "model": "linear (softmax regression), mlp, cnn or vit",
     "attention": "vit: dense or moba (Mixture of Block Attention)",
     "patch_size": "vit: patch side in pixels (1 = one token per pixel)",
     "block_size": "vit with moba: tokens per block, a square tile of the patch grid",
@@ -71,16 +72,46 @@ HELP = {
 }
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per RunConfig field; defaults are None so only given flags override the file."""
+FEDERATE_HELP = {
+    "dataset": "digits (offline), mnist, fashion-mnist, cifar10",
+    "model": "linear (softmax regression, 7,850 parameters on 28x28), mlp or cnn",
+    "hidden": "mlp hidden widths, comma-separated",
+    "cnn_hidden": "cnn: width of the dense head",
+    "devices": "n: number of devices",
+    "components": "C: disconnected D2D components of n/C devices each",
+    "alpha_inter": "Dirichlet concentration of labels across components (0.1: skewed, 100: about IID)",
+    "alpha_intra": "Dirichlet concentration of labels across the devices of a component",
+    "min_size": "samples per device at least (the split is redrawn until every device has them)",
+    "local_test_fraction": "share of each device's samples held out as its own local test set",
+    "topology": "D2D graph per component: ring, grid, complete, erdos-renyi, dynamic (random regular, "
+    "new every round) or none",
+    "edge_probability": "erdos-renyi: edge probability (redrawn until connected)",
+    "degree": "dynamic: degree of the random regular graphs",
+    "algorithm": "s2s (server average back to the sampled), s2a (to all), fedavg (no D2D), dsgd (no server)",
+    "sampled": "K: devices the server samples (uniform, without replacement)",
+    "period": "H: rounds between server rounds",
+    "rounds": "communication rounds",
+    "local_steps": "SGD steps per device per round",
+    "batch_size": "mini-batch per device per step",
+    "lr": "SGD learning rate (plain SGD, no momentum)",
+    "weight_decay": "SGD weight decay",
+    "eval_every": "rounds between evaluations (one metrics.jsonl line each)",
+    "device_eval_samples": "global test images each device model is scored on (0: all)",
+    "checkpoint_every": "rounds between checkpoints (the last round is always saved)",
+    "device": "cpu, cuda or auto",
+}
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_class=RunConfig, helps: dict | None = None) -> None:
+    """One flag per field of `config_class`; defaults are None so only given flags override the file."""
     group = parser.add_argument_group("run configuration (override --config)")
     group.add_argument("--config", metavar="FILE", help="TOML file with any of the keys below")
-    for f in fields(RunConfig):
+    for f in fields(config_class):
         flag = "--" + f.name.replace("_", "-")
         kind = field_kind(f.type)
         default = f.default if not callable(f.default_factory) else f.default_factory()
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
-        help_text = HELP.get(f.name, f.name.replace("_", " "))
+        help_text = (helps or HELP).get(f.name, f.name.replace("_", " "))
         if default is not None:
             help_text += f" (default: {shown})"
         elif "default" not in help_text:  # None: the method's preset decides
@@ -93,11 +124,11 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=help_text)
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
+def config_from_args(args: argparse.Namespace, config_class=RunConfig):
     values = load_toml(args.config) if args.config else {}
     source = f"config file {args.config!r}" if args.config else "config"
-    values.update({f.name: getattr(args, f.name) for f in fields(RunConfig) if getattr(args, f.name) is not None})
-    return RunConfig.from_dict(values, source).validate()
+    values.update({f.name: getattr(args, f.name) for f in fields(config_class) if getattr(args, f.name) is not None})
+    return config_class.from_dict(values, source).validate()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,6 +189,57 @@ def build_parser() -> argparse.ArgumentParser:
     )
     study.add_argument("--report-only", action="store_true", help="train nothing; report the cells finished so far")
     study.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    federate = commands.add_parser(
+        "federate",
+        help="semi-decentralized learning: D2D clusters and a sampling server (S2S, S2A, FedAvg, D-SGD)",
+        description=(
+            "Train n device models that mix with their D2D neighbours every round while a server, every H "
+            "rounds, averages K sampled devices and sends the average back to the sampled (s2s) or to all "
+            "(s2a). Writes config.toml, partition.json, metrics.jsonl, summary.json and checkpoints to --out. "
+            "The simulator holds every device in this process; --engine distributed runs the same rounds "
+            "under torchrun: torchrun --standalone --nproc-per-node P -m neuroplast.federated ARGS."
+        ),
+    )
+    federate.add_argument("--out", required=True, metavar="DIR", help="run folder")
+    federate.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    federate.add_argument("--quiet", action="store_true", help="no progress bar")
+    federate.add_argument(
+        "--engine",
+        choices=("simulator", "distributed"),
+        default="simulator",
+        help="simulator: every device in this process (default); distributed: n/P devices per torchrun process",
+    )
+    federate.add_argument(
+        "--exchange",
+        choices=("auto", "all_gather", "p2p"),
+        default="auto",
+        help="distributed D2D: all_gather of whole blocks, or point-to-point rows (default: by model size)",
+    )
+    federate.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="distributed: seconds a collective may wait for a peer before the job stops (default 300)",
+    )
+    add_config_flags(federate, FederatedConfig, FEDERATE_HELP)
+
+    fstudy = commands.add_parser(
+        "federate-study",
+        help="semi-decentralized regimes x topologies x K x H x algorithms x seeds, in parallel, with a report",
+        description=(
+            "Run every cell of a semi-decentralized study configured in a TOML file, several at a time, each "
+            "in its own folder <out>/<regime>/<topology>/K<k>-H<h>/<algorithm>/seed<seed>. Finished cells are "
+            "never re-run and interrupted ones resume. Then write semidec.md and its figures to the study "
+            "folder. See configs/semidec_study.toml for the format."
+        ),
+    )
+    fstudy.add_argument("--config", required=True, metavar="FILE", help="study TOML file ([study], [regimes.*], [run])")
+    fstudy.add_argument("--out", default=None, metavar="DIR", help="study folder (default: [study] out)")
+    fstudy.add_argument("--workers", type=int, default=None, metavar="N", help="cells at a time (default: 2)")
+    fstudy.add_argument("--report-only", action="store_true", help="run nothing; report the cells finished so far")
+    fstudy.add_argument("--quiet", action="store_true", help="no progress bar")
 
     demo = commands.add_parser(
         "demo",
@@ -247,6 +329,45 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_federate(args) -> int:
+    from neuroplast.federated.run import federate
+
+    config = config_from_args(args, FederatedConfig)
+    if args.engine == "simulator":
+        federate(config, args.out, resume=args.resume, progress=not args.quiet)
+        return 0
+    import os
+
+    import torch.distributed as dist
+
+    from neuroplast.federated.distributed import TorchComm, init
+
+    init(args.timeout, config.device)
+    try:
+        comm = TorchComm(config.devices, config.components, args.exchange)
+        # torchrun restarts every worker after a failure: a restarted run resumes from its checkpoint
+        resume = args.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        log = print if comm.rank == 0 else None
+        federate(config, args.out, resume=resume, progress=not args.quiet and comm.rank == 0, log=log, comm=comm)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+def cmd_federate_study(args) -> int:
+    from neuroplast.experiments.semidec import load_semidec_study, run_semidec_study, write_semidec_report
+
+    study = load_semidec_study(args.config, out=args.out, workers=args.workers)
+    if not args.report_only:
+        try:
+            run_semidec_study(study, progress=not args.quiet)
+        except KeyboardInterrupt:
+            print("interrupted; finished cells are kept and the others resume when this study is run again", file=sys.stderr)
+            return 130
+    write_semidec_report(study)
+    return 0
+
+
 def cmd_study(args) -> int:
     from neuroplast.experiments.study import load_study, run_study, write_report
 
@@ -265,7 +386,21 @@ def cmd_study(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "compare": cmd_compare, "study": cmd_study, "demo": cmd_demo}
+COMMANDS = {
+    "train": cmd_train,
+    "compare": cmd_compare,
+    "study": cmd_study,
+    "federate": cmd_federate,
+    "federate-study": cmd_federate_study,
+    "demo": cmd_demo,
+}
+
+
+def _is_rank_zero() -> bool:
+    """Under torchrun only rank 0 reports an error every rank hits."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, DataError) as exc:
-        print(f"neuroplast {args.command}: error: {exc}", file=sys.stderr)
+        if _is_rank_zero():
+            print(f"neuroplast {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; the last finished epoch is checkpointed (continue with --resume)", file=sys.stderr)

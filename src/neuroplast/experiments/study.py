@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from neuroplast.data import DataError, Dataset, is_available_offline, load_dataset
+from neuroplast.data import DataError, is_available_offline, load_dataset
 from neuroplast.dst import METHODS
+from neuroplast.experiments.runner import cached_dataset, run_cells
 from neuroplast.train.checkpoint import find_checkpoint, load_checkpoint
 from neuroplast.train.config import ConfigError, RunConfig, load_toml
 from neuroplast.train.grid import is_finished
@@ -289,59 +288,11 @@ def load_study(path: str | Path, out: str | Path | None = None, workers: int | N
 
 # -- running ----------------------------------------------------------------------------------
 
-_DATASETS: dict[tuple[str, bool], Dataset] = {}
-
-
-def _dataset(name: str, flatten: bool) -> Dataset:
-    """Each process loads a dataset once."""
-    key = (name, flatten)
-    if key not in _DATASETS:
-        _DATASETS[key] = load_dataset(name, flatten=flatten, progress=False)
-    return _DATASETS[key]
-
 
 def run_cell(config: RunConfig, folder: str | Path) -> dict:
     """Train (or resume) one cell quietly; return its summary."""
-    dataset = _dataset(config.dataset, config.model == "mlp")
+    dataset = cached_dataset(config.dataset, config.model == "mlp")
     return train(config, folder, resume=True, progress=False, log=None, dataset=dataset)
-
-
-def _init_worker(threads: int) -> None:
-    import torch
-
-    # Ctrl-C reaches every process of the terminal's group: the parent alone handles it.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    torch.set_num_threads(threads)
-
-
-def _stop(executor: ProcessPoolExecutor, futures: dict[Future, Cell]) -> None:
-    """Cancel the queued cells and end the running ones now; their last checkpoints stay."""
-    for future in futures:
-        future.cancel()
-    for process in list((getattr(executor, "_processes", None) or {}).values()):
-        if process.is_alive():
-            process.terminate()
-    executor.shutdown(wait=True, cancel_futures=True)
-
-
-def _run_pool(todo: list[Cell], workers: int, done: Callable[[Cell, dict], None]) -> None:
-    import multiprocessing
-
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    executor = ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=_init_worker,
-        initargs=(threads,),
-    )
-    futures = {executor.submit(run_cell, cell.config, str(cell.folder)): cell for cell in todo}
-    try:
-        for future in as_completed(futures):
-            done(futures[future], future.result())
-    except BaseException:
-        _stop(executor, futures)
-        raise
-    executor.shutdown(wait=True)
 
 
 def _fetch_datasets(cells: list[Cell], progress: bool) -> None:
@@ -349,20 +300,6 @@ def _fetch_datasets(cells: list[Cell], progress: bool) -> None:
     for name in dict.fromkeys(cell.config.dataset for cell in cells):
         if not is_available_offline(name):
             load_dataset(name, progress=progress)
-
-
-def _cell_progress(enabled: bool):
-    if not enabled:
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("[bold]cells"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        transient=True,
-    )
 
 
 def run_study(study: Study, progress: bool = True, log: Log = print) -> list[Cell]:
@@ -390,12 +327,8 @@ def run_study(study: Study, progress: bool = True, log: Log = print) -> list[Cel
         where = "in this process" if study.workers == 1 else f"in {workers} worker processes"
         log(f"training {len(todo)} cells {where}" + (f" ({len(resumed)} resume)" if resumed else ""))
     width = max(len(cell.name) for cell in todo)
-    bar = _cell_progress(progress)
-    task = bar.add_task("cells", total=len(cells), completed=len(cells) - len(todo)) if bar else None
 
     def done(cell: Cell, summary: dict) -> None:
-        if bar is not None:
-            bar.advance(task)
         if log:
             note = "  (resumed)" if cell.name in resumed else ""
             log(
@@ -403,17 +336,7 @@ def run_study(study: Study, progress: bool = True, log: Log = print) -> list[Cel
                 f"{summary['seconds']:.1f}s{note}"
             )
 
-    if bar is not None:
-        bar.start()
-    try:
-        if study.workers == 1:
-            for cell in todo:
-                done(cell, run_cell(cell.config, cell.folder))
-        else:
-            _run_pool(todo, workers, done)
-    finally:
-        if bar is not None:
-            bar.stop()
+    run_cells(todo, run_cell, study.workers, len(cells), progress, done)
     return todo
 
 
@@ -429,7 +352,7 @@ def _setting(grid: Grid) -> str:
 
 def _image_shape(config: RunConfig) -> tuple[int, ...] | None:
     try:
-        return _dataset(config.dataset, config.model == "mlp").image_shape
+        return cached_dataset(config.dataset, config.model == "mlp").image_shape
     except DataError:
         return None
 

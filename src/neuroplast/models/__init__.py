@@ -1,4 +1,4 @@
-"""Models: the SET-MLP shape, a small CNN and a ViT (dense or MoBA attention) for 28x28 / 32x32 images."""
+"""Models: softmax regression, the SET-MLP shape, a small CNN and a ViT (dense or MoBA attention) for 28x28 / 32x32 images."""
 
 from __future__ import annotations
 
@@ -7,7 +7,18 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-MODELS = ("mlp", "cnn", "vit")
+MODELS = ("linear", "mlp", "cnn", "vit")
+
+
+class Linear(nn.Module):
+    """Softmax regression: one linear layer on the flattened image (7,850 parameters on 28x28)."""
+
+    def __init__(self, in_features: int = 784, num_classes: int = 10):
+        super().__init__()
+        self.classifier = nn.Linear(in_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(x.flatten(1))
 
 
 class MLP(nn.Module):
@@ -35,9 +46,18 @@ class MLP(nn.Module):
 
 
 class CNN(nn.Module):
-    """Two conv blocks (32, 64 channels, 3x3, max-pool) and a 128-unit head; any HxW >= 8."""
+    """Two conv blocks (32, 64 channels, 3x3, max-pool) and a dense head (128 units by default;
+    256 gives 1,070,794 parameters on 32x32x3, the size of the semi-decentralized papers' CNN);
+    any HxW >= 8."""
 
-    def __init__(self, in_channels: int = 1, image_size: int = 28, num_classes: int = 10, dropout: float = 0.0):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        image_size: int = 28,
+        num_classes: int = 10,
+        dropout: float = 0.0,
+        hidden: int = 128,
+    ):
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 32, 3, padding=1),
@@ -50,10 +70,10 @@ class CNN(nn.Module):
         side = image_size // 4
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(64 * side * side, 128),
+            nn.Linear(64 * side * side, hidden),
             nn.ReLU(),
             nn.Dropout(dropout),
-            nn.Linear(128, num_classes),
+            nn.Linear(hidden, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,15 +87,18 @@ def build_model(
     hidden: Sequence[int] = (1000, 1000, 1000),
     dropout: float = 0.0,
     vit: dict | None = None,
+    cnn_hidden: int = 128,
 ) -> nn.Module:
     """vit: keyword arguments of `ViT` (patch_size, dim, depth, heads, attention, ...)."""
     c, h, w = image_shape
+    if name == "linear":
+        return Linear(c * h * w, num_classes)
     if name == "mlp":
         return MLP(c * h * w, hidden, num_classes, dropout)
     if name == "cnn":
         if h != w:
             raise ValueError(f"the CNN expects square images, got {h}x{w}")
-        return CNN(c, h, num_classes, dropout)
+        return CNN(c, h, num_classes, dropout, cnn_hidden)
     if name == "vit":
         return ViT(image_shape, num_classes, dropout=dropout, **(vit or {}))
     raise ValueError(f"unknown model {name!r}; choose from: {', '.join(MODELS)}")
@@ -83,4 +106,4 @@ def build_model(
 
 from neuroplast.models.vit import ViT  # noqa: E402  (after the models it sits beside)
 
-__all__ = ["CNN", "MLP", "MODELS", "ViT", "build_model"]
+__all__ = ["CNN", "MLP", "Linear", "MODELS", "ViT", "build_model"]

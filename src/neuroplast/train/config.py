@@ -34,7 +34,7 @@ def field_kind(annotation) -> type:
     raise TypeError(f"unsupported config field type {annotation!r}")
 
 
-def _has_kind(value, kind: type) -> bool:
+def has_kind(value, kind: type) -> bool:
     if kind is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind is int:
@@ -102,7 +102,7 @@ class RunConfig:
     def validate(self) -> RunConfig:
         for f in fields(self):
             value, kind = getattr(self, f.name), field_kind(f.type)
-            if value is not None and not _has_kind(value, kind):
+            if value is not None and not has_kind(value, kind):
                 raise ConfigError(f"{f.name} {value!r} must be of type {kind.__name__}")
         choices = {
             "dataset": DATASETS,
@@ -138,7 +138,7 @@ class RunConfig:
                 raise ConfigError(f"{key} {getattr(self, key)!r} must be a positive integer")
         if self.update_every is not None and self.update_every < 1:
             raise ConfigError(f"update_every {self.update_every!r} must be a positive integer")
-        if not self.hidden or not all(_has_kind(h, int) and h > 0 for h in self.hidden):
+        if not self.hidden or not all(has_kind(h, int) and h > 0 for h in self.hidden):
             raise ConfigError(f"hidden {self.hidden!r} must be a non-empty list of positive integers")
         for f in fields(self):
             value = getattr(self, f.name)

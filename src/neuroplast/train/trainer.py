@@ -362,7 +362,7 @@ def train(
                 log(f"resuming {out} after epoch {run.epoch}")
         _truncate_metrics(out / "metrics.jsonl", run.epoch)
         (out / "config.toml").write_text(config.to_toml())
-    history = _read_metrics(out / "metrics.jsonl") if out is not None else []
+    history = read_metrics(out / "metrics.jsonl") if out is not None else []
     if log and run.epoch == 0:
         log(f"{config.method} on {run.data.name} ({run.data.origin}): {config.model}, density {run.density():.4f}")
     bar = _progress(progress)
@@ -409,11 +409,11 @@ def train(
         "seconds": run.seconds,
     }
     if out is not None:
-        _write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+        write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
-def _read_metrics(path: Path) -> list[dict]:
+def read_metrics(path: Path) -> list[dict]:
     """The records of `metrics.jsonl`; a last line cut off by a crash mid-append is ignored."""
     if not path.exists():
         return []
@@ -430,11 +430,11 @@ def _read_metrics(path: Path) -> list[dict]:
 
 def _truncate_metrics(path: Path, epoch: int) -> None:
     """Keep only the records of epochs the checkpoint covers (a crash may have left one more)."""
-    kept = [r for r in _read_metrics(path) if r["epoch"] <= epoch]
-    _write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+    kept = [r for r in read_metrics(path) if r["epoch"] <= epoch]
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
