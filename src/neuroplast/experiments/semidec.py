@@ -85,7 +85,7 @@ def _run_values(table, where: str) -> dict:
 def parse_semidec_study(
     values: dict, source: str = "config", out: str | Path | None = None, workers: int | None = None
 ) -> SemidecStudy:
-    for key, value in values.items():
+    for key in values:
         if key not in ("study", "regimes", "run"):
             raise ConfigError(f"unknown table or key {key!r} in {source}; valid tables: [study], [regimes.NAME], [run]")
     table = values.get("study")
@@ -158,7 +158,9 @@ def run_federated_cell(config: FederatedConfig, folder: str | Path) -> dict:
 def run_semidec_study(study: SemidecStudy, progress: bool = True, log=print) -> list[Cell]:
     todo = [cell for cell in study.cells if not is_finished(cell.folder, cell.config)]
     if log and len(todo) < len(study.cells):
-        log(f"{len(study.cells) - len(todo)} of {len(study.cells)} cells already finished in {study.out}; skipping them")
+        log(
+            f"{len(study.cells) - len(todo)} of {len(study.cells)} cells already finished in {study.out}; skipping them"
+        )
     if not todo:
         return []
     resumed = {cell.name for cell in todo if find_checkpoint(cell.folder) is not None}
@@ -178,3 +180,276 @@ def run_semidec_study(study: SemidecStudy, progress: bool = True, log=print) -> 
 
     run_cells(todo, run_federated_cell, study.workers, len(study.cells), progress, done)
     return todo
+
+
+# -- report -----------------------------------------------------------------------------------
+
+METRICS = {
+    "local": ("local_test_accuracy", "each device's own model on its own local test set (mean over devices)"),
+    "global": ("avg_test_accuracy", "the average model on the global test set"),
+}
+LATE = 0.75  # "late accuracy": mean of the evaluations after this fraction of the rounds
+
+
+def late_accuracy(records: list[dict], key: str, rounds: int) -> float:
+    """Mean of `key` over the evaluations in the last quarter of the rounds; with evaluation
+    rounds coprime with H they fall at every phase of the server period."""
+    late = [r[key] for r in records if r["round"] > LATE * rounds]
+    return sum(late) / len(late)
+
+
+def _records(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    import statistics
+
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def gap_table(study: SemidecStudy, metric: str) -> list[dict]:
+    """One row per (regime, topology, K, H) with both algorithms finished at the same seeds:
+    mean ± std over seeds of each algorithm's late accuracy and of the paired S2S - S2A gap (pp)."""
+    key = METRICS[metric][0]
+    by_config: dict[tuple, dict[str, dict[int, float]]] = {}
+    for cell in study.cells:
+        if not is_finished(cell.folder, cell.config):
+            continue
+        c = cell.config
+        config_key = (cell.regime, c.topology, c.sampled, c.period)
+        value = 100 * late_accuracy(_records(cell.folder), key, c.rounds)
+        by_config.setdefault(config_key, {}).setdefault(c.algorithm, {})[c.seed] = value
+    rows = []
+    for (regime, topology, k, h), algorithms in by_config.items():
+        if "s2s" not in algorithms or "s2a" not in algorithms:
+            continue
+        seeds = sorted(set(algorithms["s2s"]) & set(algorithms["s2a"]))
+        if not seeds:
+            continue
+        s2s = [algorithms["s2s"][s] for s in seeds]
+        s2a = [algorithms["s2a"][s] for s in seeds]
+        gap = [a - b for a, b in zip(s2s, s2a)]
+        rows.append(
+            {
+                "regime": regime,
+                "topology": topology,
+                "sampled": k,
+                "period": h,
+                "seeds": len(seeds),
+                "s2s": _mean_std(s2s),
+                "s2a": _mean_std(s2a),
+                "gap": _mean_std(gap),
+            }
+        )
+    return rows
+
+
+def _pm(stat: tuple[float, float], sign: bool = False) -> str:
+    return f"{stat[0]:+.2f} ± {stat[1]:.2f}" if sign else f"{stat[0]:.2f} ± {stat[1]:.2f}"
+
+
+TIE = 0.05  # pp: a mean gap smaller than this counts as a tie
+
+
+def win_shares(rows: list[dict], devices: int) -> dict[str, tuple[int, int, int]]:
+    """Per regime: (S2S wins, S2A wins, ties) over the configurations with K < n."""
+    shares: dict[str, list[int]] = {}
+    for row in rows:
+        if row["sampled"] >= devices:
+            continue
+        counts = shares.setdefault(row["regime"], [0, 0, 0])
+        gap = row["gap"][0]
+        counts[0 if gap > TIE else 1 if gap < -TIE else 2] += 1
+    return {regime: tuple(c) for regime, c in shares.items()}
+
+
+def _group_mean(rows: list[dict], field: str, value_of) -> dict:
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault(row[field], []).append(value_of(row))
+    return {k: sum(v) / len(v) for k, v in groups.items()}
+
+
+def claims_table(rows: list[dict], regimes: list[str], devices: int) -> str:
+    """The paper's claims next to the numbers that test them (mean gaps in pp, S2S - S2A)."""
+    lines = ["| claim | measured |", "|---|---|"]
+    shares = win_shares(rows, devices)
+    for regime in regimes:
+        if regime in shares:
+            s2s, s2a, tie = shares[regime]
+            total = s2s + s2a + tie
+            mean_gap = sum(r["gap"][0] for r in rows if r["regime"] == regime and r["sampled"] < devices) / max(
+                total, 1
+            )
+            lines.append(
+                f"| {regime}: who wins (K < n) | S2S {s2s}/{total} ({100 * s2s / max(total, 1):.0f}%), S2A {s2a}/{total}, "
+                f"ties {tie}; mean gap {mean_gap:+.2f} pp |"
+            )
+    by_k = _group_mean(rows, "sampled", lambda r: abs(r["gap"][0]))
+    lines.append(
+        "| the gap narrows as K/n grows and vanishes at K = n | mean abs gap by K: "
+        + ", ".join(f"K={k}: {v:.2f}" for k, v in sorted(by_k.items()))
+        + " |"
+    )
+    for algorithm in ("s2s", "s2a"):
+        by_h = _group_mean(rows, "period", lambda r, a=algorithm: r[a][0])
+        lines.append(
+            f"| both degrade as H grows ({algorithm.upper()}) | mean accuracy by H: "
+            + ", ".join(f"H={h}: {v:.2f}" for h, v in sorted(by_h.items()))
+            + " |"
+        )
+    for regime in regimes:
+        regime_rows = [r for r in rows if r["regime"] == regime and r["sampled"] < devices]
+        by_topology = _group_mean(regime_rows, "topology", lambda r: r["gap"][0])
+        if by_topology:
+            lines.append(
+                f"| {regime}: sparse graphs (ring) and dynamic graphs favour S2S | mean gap by topology: "
+                + ", ".join(f"{t}: {v:+.2f}" for t, v in by_topology.items())
+                + " |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def gap_markdown(rows: list[dict]) -> str:
+    lines = [
+        "| regime | topology | K | H | seeds | S2S | S2A | S2S − S2A (pp) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["regime"], r["topology"], r["sampled"], r["period"])):
+        lines.append(
+            f"| {r['regime']} | {r['topology']} | {r['sampled']} | {r['period']} | {r['seeds']} | {_pm(r['s2s'])} | "
+            f"{_pm(r['s2a'])} | {_pm(r['gap'], sign=True)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_gap_heatmaps(rows_by_metric: dict[str, list[dict]], regimes: list[str], devices: int, path: Path) -> Path:
+    """Mean S2S - S2A gap over (K/n, H), averaged over topologies: one panel per regime and metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    metrics = list(rows_by_metric)
+    fig, axes = plt.subplots(
+        len(metrics), len(regimes), figsize=(3.6 * len(regimes), 3.0 * len(metrics)), squeeze=False
+    )
+    limit = max((abs(r["gap"][0]) for rows in rows_by_metric.values() for r in rows), default=1.0) or 1.0
+    image = None
+    for i, metric in enumerate(metrics):
+        rows = rows_by_metric[metric]
+        ks = sorted({r["sampled"] for r in rows})
+        hs = sorted({r["period"] for r in rows})
+        for j, regime in enumerate(regimes):
+            ax = axes[i][j]
+            grid = np.full((len(hs), len(ks)), np.nan)
+            for a, h in enumerate(hs):
+                for b, k in enumerate(ks):
+                    gaps = [
+                        r["gap"][0] for r in rows if r["regime"] == regime and r["sampled"] == k and r["period"] == h
+                    ]
+                    if gaps:
+                        grid[a, b] = sum(gaps) / len(gaps)
+            image = ax.imshow(grid, cmap="RdBu", vmin=-limit, vmax=limit, origin="lower", aspect="auto")
+            for a in range(len(hs)):
+                for b in range(len(ks)):
+                    if not np.isnan(grid[a, b]):
+                        ax.text(b, a, f"{grid[a, b]:+.1f}", ha="center", va="center", fontsize=8)
+            ax.set_xticks(range(len(ks)), [f"{k / devices:g}" for k in ks])
+            ax.set_yticks(range(len(hs)), [str(h) for h in hs])
+            ax.set_xlabel("K/n")
+            ax.set_ylabel("H")
+            ax.set_title(f"{regime}, {metric} accuracy", fontsize=9)
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.8, label="S2S − S2A (pp; blue: S2S better)")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_semidec_curves(study: SemidecStudy, path: Path) -> Path | None:
+    """Accuracy per evaluation round, S2S against S2A (mean over finished seeds), for the first
+    topology, the smallest K and the largest H of the study: one panel per regime."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = study.cells[0].config
+    topology = first.topology
+    k = min(c.config.sampled for c in study.cells)
+    h = max(c.config.period for c in study.cells)
+    fig, axes = plt.subplots(1, len(study.regimes), figsize=(4.2 * len(study.regimes), 3.2), squeeze=False)
+    drawn = False
+    for j, regime in enumerate(study.regimes):
+        ax = axes[0][j]
+        for algorithm, color in (("s2s", "tab:blue"), ("s2a", "tab:red")):
+            runs = [
+                _records(cell.folder)
+                for cell in study.cells
+                if cell.regime == regime
+                and cell.config.algorithm == algorithm
+                and cell.config.topology == topology
+                and cell.config.sampled == k
+                and cell.config.period == h
+                and is_finished(cell.folder, cell.config)
+            ]
+            if not runs:
+                continue
+            drawn = True
+            rounds = [r["round"] for r in runs[0]]
+            for key, style, label in (
+                ("local_test_accuracy", "-", "local"),
+                ("avg_test_accuracy", ":", "average model"),
+            ):
+                mean = [100 * sum(run[i][key] for run in runs) / len(runs) for i in range(len(rounds))]
+                ax.plot(rounds, mean, style, color=color, lw=1.2, label=f"{algorithm.upper()} {label}")
+        ax.set_title(f"{regime}: {topology}, K={k}, H={h}", fontsize=9)
+        ax.set_xlabel("round")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    if not drawn:
+        plt.close(fig)
+        return None
+    next(ax for ax in axes[0] if ax.lines).legend(fontsize=7, loc="lower right")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def write_semidec_report(study: SemidecStudy, log=print) -> list[Path]:
+    """semidec.md (gap tables, win shares, the paper's claims), gaps.png and curves.png."""
+    study.out.mkdir(parents=True, exist_ok=True)
+    devices = study.cells[0].config.devices
+    finished = sum(is_finished(cell.folder, cell.config) for cell in study.cells)
+    rows_by_metric = {metric: gap_table(study, metric) for metric in METRICS}
+    first = study.cells[0].config
+    parts = [
+        f"# S2S vs S2A: {first.dataset}, {first.model}, {devices} devices in {first.components} components, "
+        f"{first.rounds} rounds\n",
+        f"{finished} of {len(study.cells)} cells finished. Accuracy in %: the mean of the evaluations in the last "
+        f"quarter of the rounds (late accuracy), mean ± std over seeds; the gap is paired by seed. A mean gap within "
+        f"±{TIE} pp is a tie; K = n is left out of the win counts (S2S and S2A are then the same algorithm).\n",
+    ]
+    for metric, (_, what) in METRICS.items():
+        rows = rows_by_metric[metric]
+        parts.append(f"\n## {metric} accuracy: {what}\n\n")
+        parts.append(claims_table(rows, study.regimes, devices))
+        parts.append("\n<details><summary>every configuration</summary>\n\n" + gap_markdown(rows) + "\n</details>\n")
+    path = study.out / "semidec.md"
+    path.write_text("".join(parts))
+    written = [path]
+    if any(rows_by_metric.values()):
+        written.append(plot_gap_heatmaps(rows_by_metric, study.regimes, devices, study.out / "gaps.png"))
+    curves = plot_semidec_curves(study, study.out / "curves.png")
+    if curves is not None:
+        written.append(curves)
+    if log:
+        for metric in METRICS:
+            shares = win_shares(rows_by_metric[metric], devices)
+            for regime, (s2s, s2a, tie) in shares.items():
+                log(f"{metric:>6} accuracy, {regime}: S2S wins {s2s}, S2A wins {s2a}, ties {tie}")
+        log("wrote " + ", ".join(str(p) for p in written))
+    return written

@@ -171,6 +171,9 @@ def federate(
     finally:
         if bar:
             bar.stop()
+    sent = torch.zeros(comm.world, dtype=torch.float64)
+    sent[comm.rank] = comm.bytes_sent
+    sent = comm.all_reduce(sent)
     summary = {
         "config": asdict(config),
         "dataset_origin": data.origin,
@@ -180,6 +183,7 @@ def federate(
         "best_avg_test_accuracy": max((r["avg_test_accuracy"] for r in history), default=None),
         "seconds": seconds,
         "processes": comm.world,
+        "bytes_sent_per_process": [int(b) for b in sent.tolist()],  # handed to collectives, this session
     }
     if out is not None and main:
         write_atomic(out / "summary.json", json.dumps(summary, indent=2))
