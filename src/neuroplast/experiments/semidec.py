@@ -334,7 +334,11 @@ def plot_gap_heatmaps(rows_by_metric: dict[str, list[dict]], regimes: list[str],
 
     metrics = list(rows_by_metric)
     fig, axes = plt.subplots(
-        len(metrics), len(regimes), figsize=(3.6 * len(regimes), 3.0 * len(metrics)), squeeze=False
+        len(metrics),
+        len(regimes),
+        figsize=(3.6 * len(regimes), 3.0 * len(metrics)),
+        squeeze=False,
+        constrained_layout=True,
     )
     limit = max((abs(r["gap"][0]) for rows in rows_by_metric.values() for r in rows), default=1.0) or 1.0
     image = None
@@ -381,7 +385,9 @@ def plot_semidec_curves(study: SemidecStudy, path: Path) -> Path | None:
     topology = first.topology
     k = min(c.config.sampled for c in study.cells)
     h = max(c.config.period for c in study.cells)
-    fig, axes = plt.subplots(1, len(study.regimes), figsize=(4.2 * len(study.regimes), 3.2), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(study.regimes), figsize=(4.2 * len(study.regimes), 3.2), squeeze=False, constrained_layout=True
+    )
     drawn = False
     for j, regime in enumerate(study.regimes):
         ax = axes[0][j]

@@ -16,8 +16,7 @@ import torch.nn.functional as F
 
 from neuroplast.data import Dataset
 from neuroplast.federated.config import FederatedConfig
-from neuroplast.federated.partition import two_level_dirichlet
-from neuroplast.federated.simulator import build_federated_model, round_generator, server_sample
+from neuroplast.federated.simulator import build_federated_model, round_generator, server_sample, split_for
 from neuroplast.federated.topology import Mixing
 
 
@@ -30,17 +29,7 @@ class PerDeviceLoop:
         self.optimizers = [
             torch.optim.SGD(m.parameters(), lr=config.lr, weight_decay=config.weight_decay) for m in self.models
         ]
-        partition = two_level_dirichlet(
-            data.y_train.numpy(),
-            config.devices,
-            config.components,
-            config.alpha_inter,
-            config.alpha_intra,
-            config.min_size,
-            config.seed,
-            config.local_test_fraction,
-        )
-        self.train = [torch.from_numpy(p).long() for p in partition.train]
+        self.train = [torch.from_numpy(p).long() for p in split_for(config, data).train]
         self.mixing = Mixing(
             config.topology, config.devices, config.components, config.seed, config.edge_probability, config.degree
         )

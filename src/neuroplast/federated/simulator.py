@@ -44,6 +44,20 @@ def build_federated_model(config: FederatedConfig, data: Dataset) -> nn.Module:
     return model
 
 
+def split_for(config: FederatedConfig, data: Dataset) -> Partition:
+    """The configured two-level Dirichlet split of `data`'s training set."""
+    return two_level_dirichlet(
+        data.y_train.numpy(),
+        config.devices,
+        config.components,
+        config.alpha_inter,
+        config.alpha_intra,
+        config.min_size,
+        config.seed,
+        config.local_test_fraction,
+    )
+
+
 def round_generator(seed: int, round_: int, stream: int) -> torch.Generator:
     """A generator for one purpose (stream) in one round, the same in every process."""
     return torch.Generator().manual_seed((seed * 1_000_003 + round_) * 7 + stream)
@@ -91,17 +105,7 @@ class Federation:
         self.vectorized = self.device.type == "cuda" or not has_conv
         self.x_train = data.x_train.reshape(len(data.x_train), -1).contiguous()  # rows for index_select
 
-        labels = data.y_train.numpy()
-        self.partition: Partition = two_level_dirichlet(
-            labels,
-            n,
-            config.components,
-            config.alpha_inter,
-            config.alpha_intra,
-            config.min_size,
-            config.seed,
-            config.local_test_fraction,
-        )
+        self.partition: Partition = split_for(config, data)
         # every device's training indices, concatenated; device i owns starts[i] : starts[i] + counts[i]
         counts = torch.tensor([len(p) for p in self.partition.train])
         self.train_counts = counts
