@@ -268,7 +268,10 @@ def test_a_different_config_in_the_same_folder_is_refused(digits, tmp_path):
         (["--alpha-inter", "0"], "alpha_inter 0.0 must be > 0"),
         (["--alpha-intra", "-1"], "alpha_intra -1.0 must be > 0"),
         (["--algorithm", "gossip"], "unknown algorithm 'gossip'; choose from: s2s, s2a, fedavg, dsgd"),
-        (["--topology", "dynamic", "--degree", "3", "--devices", "10", "--sampled", "5"], "degree 3 gives no regular graph on 5 devices"),
+        (
+            ["--topology", "dynamic", "--degree", "3", "--devices", "10", "--sampled", "5"],
+            "degree 3 gives no regular graph on 5 devices",
+        ),
         (["--dataset", "digits", "--min-size", "50"], "min_size 50 x 100 devices needs 5000 samples"),
         (["--engine", "distributed", "--dataset", "digits"], "--engine distributed runs under torchrun"),
     ],
@@ -287,7 +290,9 @@ def test_bad_input_exits_2_with_one_line(capsys, tmp_path, argv, expected):
 def test_process_counts_that_do_not_fit_are_refused():
     assert check_layout(100, 2, 4) == 25
     assert check_layout(100, 2, 1) == 100
-    with pytest.raises(ConfigError, match="3 processes do not divide 100 devices; choose a number of processes from: 1, 2, 4"):
+    with pytest.raises(
+        ConfigError, match="3 processes do not divide 100 devices; choose a number of processes from: 1, 2, 4"
+    ):
         check_layout(100, 2, 3)
     with pytest.raises(ConfigError, match="5 processes would split a component"):
         check_layout(100, 2, 5)
