@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 from neuroplast.data import DATASETS
 from neuroplast.federated.topology import TOPOLOGIES
-from neuroplast.train.config import ConfigError, field_kind, has_kind
+from neuroplast.train.config import ConfigError, PlainConfig, field_kind, has_kind
 
 ALGORITHMS = ("s2s", "s2a", "fedavg", "dsgd")
 MODELS = ("linear", "mlp", "cnn")
@@ -23,7 +22,7 @@ ALGORITHM_HELP = {
 
 
 @dataclass
-class FederatedConfig:
+class FederatedConfig(PlainConfig):
     # data and model
     dataset: str = "fashion-mnist"
     model: str = "linear"  # linear: softmax regression (7,850 parameters on 28x28)
@@ -138,21 +137,3 @@ class FederatedConfig:
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"seed {self.seed!r} must be in [0, 2**32)")
         return self
-
-    def changed_from(self, saved: dict) -> list[str]:
-        defaults = asdict(FederatedConfig())
-        return sorted(key for key, value in asdict(self).items() if saved.get(key, defaults[key]) != value)
-
-    def to_toml(self) -> str:
-        return "\n".join(f"{k} = {json.dumps(v)}" for k, v in asdict(self).items()) + "\n"
-
-    @classmethod
-    def keys(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
-    @classmethod
-    def from_dict(cls, values: dict, source: str = "config") -> FederatedConfig:
-        unknown = sorted(set(values) - set(cls.keys()))
-        if unknown:
-            raise ConfigError(f"unknown key {unknown[0]!r} in {source}; valid keys: {', '.join(cls.keys())}")
-        return cls(**values)

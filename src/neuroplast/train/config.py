@@ -42,8 +42,34 @@ def has_kind(value, kind: type) -> bool:
     return isinstance(value, kind)
 
 
+class PlainConfig:
+    """What every run configuration (a dataclass of plain values) shares: comparison with a saved
+    one, TOML, and construction from a dict with unknown keys refused."""
+
+    def changed_from(self, saved: dict) -> list[str]:
+        """The settings in which this config differs from a saved one (its `asdict`). A setting
+        the saved config does not have (written before the setting existed) counts as its default."""
+        defaults = asdict(type(self)())
+        return sorted(key for key, value in asdict(self).items() if saved.get(key, defaults[key]) != value)
+
+    def to_toml(self) -> str:
+        lines = [f"{k} = {json.dumps(v)}" for k, v in asdict(self).items() if v is not None]
+        return "\n".join(lines) + "\n"
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config"):
+        unknown = sorted(set(values) - set(cls.keys()))
+        if unknown:
+            raise ConfigError(f"unknown key {unknown[0]!r} in {source}; valid keys: {', '.join(cls.keys())}")
+        return cls(**values)
+
+
 @dataclass
-class RunConfig:
+class RunConfig(PlainConfig):
     # what to train
     dataset: str = "digits"
     model: str = "mlp"
@@ -166,29 +192,6 @@ class RunConfig:
         if self.epsilon is not None and self.distribution != "er":
             raise ConfigError(f"epsilon is only used with distribution 'er', not {self.distribution!r}")
         return self
-
-    def changed_from(self, saved: dict) -> list[str]:
-        """The settings in which this config differs from a saved one (`asdict` of a RunConfig).
-        A setting the saved config does not have (it was written before the setting existed)
-        counts as its default value."""
-        defaults = asdict(RunConfig())
-        return sorted(key for key, value in asdict(self).items() if saved.get(key, defaults[key]) != value)
-
-    # -- TOML ----------------------------------------------------------------------------------
-    def to_toml(self) -> str:
-        lines = [f"{k} = {json.dumps(v)}" for k, v in asdict(self).items() if v is not None]
-        return "\n".join(lines) + "\n"
-
-    @classmethod
-    def keys(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
-    @classmethod
-    def from_dict(cls, values: dict, source: str = "config") -> RunConfig:
-        unknown = sorted(set(values) - set(cls.keys()))
-        if unknown:
-            raise ConfigError(f"unknown key {unknown[0]!r} in {source}; valid keys: {', '.join(cls.keys())}")
-        return cls(**values)
 
 
 def load_toml(path: str | Path) -> dict:
