@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from neuroplast.experiments.runner import cached_dataset, run_cells
+from neuroplast.experiments.study import list_setting
 from neuroplast.federated.config import ALGORITHMS, FederatedConfig
 from neuroplast.federated.run import federate
 from neuroplast.federated.topology import TOPOLOGIES
@@ -60,18 +61,6 @@ class SemidecStudy:
     source: str = "config"
 
 
-def _list(table: dict, key: str, kind: type, example: str) -> list:
-    values = table.get(key)
-    if not isinstance(values, list) or not values:
-        raise ConfigError(f"[study] {key} must be a non-empty list, e.g. {key} = {example}")
-    for value in values:
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise ConfigError(f"[study] {key} holds {value!r}; e.g. {key} = {example}")
-    if len(set(values)) < len(values):
-        raise ConfigError(f"[study] {key} lists a value more than once: {values!r}")
-    return values
-
-
 def _run_values(table, where: str) -> dict:
     if not isinstance(table, dict):
         raise ConfigError(f"{where} must be a table of FederatedConfig keys, not {table!r}")
@@ -94,17 +83,17 @@ def parse_semidec_study(
     unknown = sorted(set(table) - set(STUDY_KEYS))
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]!r} in [study]; valid keys: {', '.join(STUDY_KEYS)}")
-    algorithms = _list(table, "algorithms", str, '["s2s", "s2a"]')
+    algorithms = list_setting(table, "algorithms", "[study]", str, '["s2s", "s2a"]')
     for a in algorithms:
         if a not in ALGORITHMS:
             raise ConfigError(f"unknown algorithm {a!r} in [study] algorithms; choose from: {', '.join(ALGORITHMS)}")
-    topologies = _list(table, "topologies", str, '["ring", "complete"]')
+    topologies = list_setting(table, "topologies", "[study]", str, '["ring", "complete"]')
     for t in topologies:
         if t not in TOPOLOGIES:
             raise ConfigError(f"unknown topology {t!r} in [study] topologies; choose from: {', '.join(TOPOLOGIES)}")
-    sampled = _list(table, "sampled", int, "[10, 20, 50, 100]")
-    periods = _list(table, "periods", int, "[1, 5, 20]")
-    seeds = _list(table, "seeds", int, "[0, 1, 2]")
+    sampled = list_setting(table, "sampled", "[study]", int, "[10, 20, 50, 100]")
+    periods = list_setting(table, "periods", "[study]", int, "[1, 5, 20]")
+    seeds = list_setting(table, "seeds", "[study]", int, "[0, 1, 2]")
     regimes = values.get("regimes", {"default": {}})
     if not isinstance(regimes, dict) or not regimes:
         raise ConfigError("[regimes] must hold at least one [regimes.NAME] table")

@@ -107,7 +107,8 @@ def _type_name(value) -> str:
     return type(value).__name__
 
 
-def _list(table: dict, key: str, where: str, kind: type, example: str, required: bool = True) -> list | None:
+def list_setting(table: dict, key: str, where: str, kind: type, example: str, required: bool = True) -> list | None:
+    """table[key] checked as a list of `kind` without repeats (the error shows `example`)."""
     if key not in table:
         if required:
             raise ConfigError(f"{where} needs {key}, e.g. {key} = {example}")
@@ -130,7 +131,7 @@ def _list(table: dict, key: str, where: str, kind: type, example: str, required:
 
 
 def _methods(table: dict, where: str) -> list[str]:
-    methods = _list(table, "methods", where, str, '["set", "rigl"]')
+    methods = list_setting(table, "methods", where, str, '["set", "rigl"]')
     for method in methods:
         if method not in METHODS:
             raise ConfigError(f"unknown method {method!r} in {where} methods; choose from: {', '.join(METHODS)}")
@@ -138,7 +139,7 @@ def _methods(table: dict, where: str) -> list[str]:
 
 
 def _densities(table: dict, where: str) -> list[float]:
-    densities = [float(d) for d in _list(table, "densities", where, float, "[0.05, 0.01]")]
+    densities = [float(d) for d in list_setting(table, "densities", where, float, "[0.05, 0.01]")]
     for density in densities:
         if not 0.0 < density <= 1.0:
             raise ConfigError(f"density {density!r} in {where} densities is outside (0, 1]; e.g. 0.05 for 95% sparsity")
@@ -146,7 +147,7 @@ def _densities(table: dict, where: str) -> list[float]:
 
 
 def _seeds(table: dict, where: str) -> list[int]:
-    seeds = _list(table, "seeds", where, int, "[0, 1, 2]")
+    seeds = list_setting(table, "seeds", where, int, "[0, 1, 2]")
     for seed in seeds:
         if not 0 <= seed < 2**32:
             raise ConfigError(f"seed {seed!r} in {where} seeds must be in [0, 2**32)")
@@ -251,12 +252,12 @@ def parse_study(
                         Cell(grid.name, method, density, seed, config, folder, folder.relative_to(out_path).as_posix())
                     )
 
-    report_epochs = _list(table, "report_epochs", "[study]", int, "[1, 3, 10]", required=False) or []
+    report_epochs = list_setting(table, "report_epochs", "[study]", int, "[1, 3, 10]", required=False) or []
     last = min(cell.config.epochs for cell in grids[0].cells)
     for epoch in report_epochs:
         if not 1 <= epoch <= last:
             raise ConfigError(f"report_epochs {epoch!r} in [study] is not an epoch of every cell (1 to {last})")
-    heatmap_methods = _list(table, "heatmap_methods", "[study]", str, '["set"]', required=False) or []
+    heatmap_methods = list_setting(table, "heatmap_methods", "[study]", str, '["set"]', required=False) or []
     for method in heatmap_methods:
         if method not in methods:
             raise ConfigError(f"heatmap method {method!r} in [study] is not one of its methods: {', '.join(methods)}")

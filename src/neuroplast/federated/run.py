@@ -20,53 +20,20 @@ from neuroplast.data import Dataset, load_dataset
 from neuroplast.federated.comm import LocalComm
 from neuroplast.federated.config import FederatedConfig
 from neuroplast.federated.simulator import Federation
-from neuroplast.train.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
+from neuroplast.train.checkpoint import load_for_resume, save_checkpoint
 from neuroplast.train.config import ConfigError
-from neuroplast.train.trainer import read_metrics, resolve_device, write_atomic
+from neuroplast.train.trainer import progress_bar, read_metrics, resolve_device, write_atomic
 
 Log = Callable[[str], None] | None
 
 
-def _progress(enabled: bool):
-    if not enabled:
-        return None
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]rounds"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-        transient=True,
-    )
-
-
 def _restore(fed: Federation, out: Path | None, config: FederatedConfig, resume: bool, log: Log) -> tuple[int, float]:
     """Load the checkpoint of `out` into `fed` (every rank); return (rounds done, seconds so far)."""
-    found = find_checkpoint(out) if out is not None else None
     flag = torch.tensor([0.0, 0.0])
     state = None
-    if fed.comm.rank == 0 and found is not None:
-        if not resume:
-            raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
-        try:
-            tensors, state = load_checkpoint(found)
-        except CheckpointError as exc:
-            raise ConfigError(str(exc)) from exc
-        changed = config.changed_from(state["config"])
-        if changed:
-            raise ConfigError(
-                f"{out} holds a run with a different configuration (changed: {', '.join(changed)}); use another --out"
-            )
+    loaded = load_for_resume(out, config, resume) if out is not None and fed.comm.rank == 0 else None
+    if loaded is not None:
+        tensors, state = loaded
         flag = torch.tensor([1.0, float(state["round"])])
     flag = fed.comm.broadcast(flag)
     if flag[0] == 0:
@@ -120,7 +87,7 @@ def federate(
         history = [r for r in read_metrics(out / "metrics.jsonl") if r["round"] <= done]
         write_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
         (out / "config.toml").write_text(config.to_toml())
-    bar = _progress(progress and main)
+    bar = progress_bar(progress and main, remaining=True)
     task = bar.add_task("rounds", total=config.rounds, completed=done, info="") if bar else None
     if bar:
         bar.start()

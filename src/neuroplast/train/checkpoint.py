@@ -92,3 +92,27 @@ def join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
             _, index, key = name.split(".", 2)
             state.setdefault(int(index), {})[key] = value
     return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def load_for_resume(out: Path, config, resume: bool) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """The checkpoint in run folder `out` to continue `config` from (None: start afresh).
+
+    Refuses, with a one-line ConfigError, a folder that holds a run when `resume` is off, an
+    unreadable checkpoint, and a checkpoint of another configuration (`config.changed_from`)."""
+    from neuroplast.train.config import ConfigError
+
+    found = find_checkpoint(out)
+    if found is None:
+        return None
+    if not resume:
+        raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    try:
+        tensors, state = load_checkpoint(found)
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from exc
+    changed = config.changed_from(state["config"])
+    if changed:
+        raise ConfigError(
+            f"{out} holds a run with a different configuration (changed: {', '.join(changed)}); use another --out"
+        )
+    return tensors, state

@@ -25,10 +25,8 @@ from neuroplast.dst import DSTEngine, preset
 from neuroplast.models import build_model
 from neuroplast.sparse import Topology, select_layers, sparsify
 from neuroplast.train.checkpoint import (
-    CheckpointError,
-    find_checkpoint,
     join_optimizer_state,
-    load_checkpoint,
+    load_for_resume,
     save_checkpoint,
     split_optimizer_state,
 )
@@ -309,19 +307,24 @@ def _numpy_state(value):
     return kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached
 
 
-def _progress(enabled: bool):
+def progress_bar(enabled: bool, remaining: bool = False):
+    """A transient rich bar: description, bar, done/total, elapsed (and remaining) time, and an
+    `info` field for the latest metrics; None when disabled."""
     if not enabled:
         return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[info]}"),
-        transient=True,
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
     )
+
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    if remaining:
+        columns.append(TimeRemainingColumn())
+    return Progress(*columns, TextColumn("{task.fields[info]}"), transient=True)
 
 
 def train(
@@ -343,20 +346,9 @@ def train(
         if out.exists() and not out.is_dir():
             raise ConfigError(f"--out {str(out)!r} is a file, not a folder")
         out.mkdir(parents=True, exist_ok=True)
-        checkpoint = find_checkpoint(out)
-        if checkpoint is not None and not resume:
-            raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
-        if checkpoint is not None:
-            try:
-                tensors, state = load_checkpoint(checkpoint)
-            except CheckpointError as exc:
-                raise ConfigError(str(exc)) from exc
-            changed = config.changed_from(state["config"])
-            if changed:
-                raise ConfigError(
-                    f"{out} holds a run with a different configuration (changed: {', '.join(changed)}); "
-                    "use another --out"
-                )
+        loaded = load_for_resume(out, config, resume)
+        if loaded is not None:
+            tensors, state = loaded
             run.restore(tensors, state)
             if log:
                 log(f"resuming {out} after epoch {run.epoch}")
@@ -365,7 +357,7 @@ def train(
     history = read_metrics(out / "metrics.jsonl") if out is not None else []
     if log and run.epoch == 0:
         log(f"{config.method} on {run.data.name} ({run.data.origin}): {config.model}, density {run.density():.4f}")
-    bar = _progress(progress)
+    bar = progress_bar(progress)
     if bar is not None:
         bar.start()
     try:
