@@ -34,18 +34,32 @@ def _int_list(text: str) -> list[int]:
 
 
 HELP = {
-    "dataset": "digits (offline), mnist, fashion-mnist, cifar10",
-    "model": "linear (softmax regression), mlp, cnn or vit",
-    "attention": "vit: dense or moba (Mixture of Block Attention)",
-    "patch_size": "vit: patch side in pixels (1 = one token per pixel)",
-    "block_size": "vit with moba: tokens per block, a square tile of the patch grid",
-    "top_k": "vit with moba: blocks each query attends to, its own block included",
+    "dataset": "digits (offline), mnist, fashion-mnist, cifar10, articulated (generated shapes with parts and joints)",
+    "model": "linear (softmax regression), mlp, cnn, vit, parts (part-query encoder) or moba-parts "
+    "(the part-query encoder with MoBA over pixel tokens)",
+    "attention": "vit and parts: dense or moba (Mixture of Block Attention)",
+    "patch_size": "vit and parts: patch side in pixels, 1 = one token per pixel (default: 4; 1 for moba-parts)",
+    "vit_dim": "vit and parts: token width",
+    "vit_depth": "vit and parts: transformer blocks (default: 4 for vit, 2 for parts)",
+    "vit_heads": "vit and parts: attention heads",
+    "block_size": "moba: tokens per block, a square tile of the patch grid",
+    "top_k": "moba: blocks each query attends to, its own block included",
+    "parts": "parts models: K learned part queries, the background included",
+    "part_iterations": "parts models: rounds of part-query refinement",
+    "part_supervision": "parts models on articulated data: learn the true part masks (Hungarian-matched)",
+    "joint_head": "parts models on articulated data: also predict the joint angles",
+    "articulated_size": "articulated: canvas side, 28, 32 or 64",
+    "articulated_families": "articulated: comma-separated families (arm2, arm3, lamp, scissors, stick, stick_full)",
+    "articulated_split": "articulated: test on in-distribution (iid) or out-of-distribution (ood) joint angles",
+    "articulated_train": "articulated: training samples",
+    "articulated_test": "articulated: test samples",
     "own_block": "vit with moba: always attend to the query's own block",
     "full_layers": "vit with moba: the last N layers use dense attention",
     "key_conv": "vit with moba: width of a depthwise convolution on the keys (default: off)",
     "routing": "vit with moba: token (each query picks its blocks, as in the MoBA paper) or block "
     "(each tile of queries picks its blocks by its mean query)",
     "hidden": "MLP hidden widths, comma-separated",
+    "cnn_hidden": "cnn: width of the dense head",
     "method": f"DST method: {', '.join(METHODS)}",
     "density": "fraction of live weights in the sparse layers, in (0, 1] (0.05 = 95%% sparsity)",
     "distribution": "how density is spread over layers: uniform, er, erk",
@@ -241,6 +255,25 @@ def build_parser() -> argparse.ArgumentParser:
     fstudy.add_argument("--report-only", action="store_true", help="run nothing; report the cells finished so far")
     fstudy.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    pstudy = commands.add_parser(
+        "parts-study",
+        help="part-query encoders vs CNN and ViT: variants x datasets x seeds, with part and articulation metrics",
+        description=(
+            "Run every cell of a parts study configured in a TOML file, each in its own folder "
+            "<out>/<dataset>/<variant>/seed<seed>; finished cells are never re-run and interrupted ones resume. "
+            "Each cell is scored for accuracy, out-of-distribution accuracy on articulated shapes, part mIoU, "
+            "FG-ARI, joint-angle error and equivariance. Then write parts.md and its figures to the study "
+            "folder. See configs/parts_study.toml for the format."
+        ),
+    )
+    pstudy.add_argument(
+        "--config", required=True, metavar="FILE", help="study TOML file ([study], [variants.*], [run])"
+    )
+    pstudy.add_argument("--out", default=None, metavar="DIR", help="study folder (default: [study] out)")
+    pstudy.add_argument("--workers", type=int, default=None, metavar="N", help="cells at a time (default: 1)")
+    pstudy.add_argument("--report-only", action="store_true", help="run nothing; report the cells finished so far")
+    pstudy.add_argument("--quiet", action="store_true", help="no progress bar")
+
     demo = commands.add_parser(
         "demo",
         help="dense vs static vs SET vs RigL at 95%% sparsity, in about 2 minutes",
@@ -354,27 +387,12 @@ def cmd_federate(args) -> int:
     return 0
 
 
-def cmd_federate_study(args) -> int:
-    from neuroplast.experiments.semidec import load_semidec_study, run_semidec_study, write_semidec_report
-
-    study = load_semidec_study(args.config, out=args.out, workers=args.workers)
+def _study_command(args, load, run, report) -> int:
+    """Load a study config, run its unfinished cells (unless --report-only), write its report."""
+    study = load(args.config, out=args.out, workers=args.workers)
     if not args.report_only:
         try:
-            run_semidec_study(study, progress=not args.quiet)
-        except KeyboardInterrupt:
-            print("interrupted; finished cells are kept and the others resume when this study is run again", file=sys.stderr)
-            return 130
-    write_semidec_report(study)
-    return 0
-
-
-def cmd_study(args) -> int:
-    from neuroplast.experiments.study import load_study, run_study, write_report
-
-    study = load_study(args.config, out=args.out, workers=args.workers)
-    if not args.report_only:
-        try:
-            run_study(study, progress=not args.quiet)
+            run(study, progress=not args.quiet)
         except KeyboardInterrupt:
             print(
                 "interrupted; finished cells are kept and the others resume from their last checkpoint "
@@ -382,8 +400,26 @@ def cmd_study(args) -> int:
                 file=sys.stderr,
             )
             return 130
-    write_report(study)
+    report(study)
     return 0
+
+
+def cmd_federate_study(args) -> int:
+    from neuroplast.experiments.semidec import load_semidec_study, run_semidec_study, write_semidec_report
+
+    return _study_command(args, load_semidec_study, run_semidec_study, write_semidec_report)
+
+
+def cmd_parts_study(args) -> int:
+    from neuroplast.experiments.parts import load_parts_study, run_parts_study, write_parts_report
+
+    return _study_command(args, load_parts_study, run_parts_study, write_parts_report)
+
+
+def cmd_study(args) -> int:
+    from neuroplast.experiments.study import load_study, run_study, write_report
+
+    return _study_command(args, load_study, run_study, write_report)
 
 
 COMMANDS = {
@@ -392,6 +428,7 @@ COMMANDS = {
     "study": cmd_study,
     "federate": cmd_federate,
     "federate-study": cmd_federate_study,
+    "parts-study": cmd_parts_study,
     "demo": cmd_demo,
 }
 

@@ -1,5 +1,15 @@
-"""Datasets (MNIST, Fashion-MNIST, CIFAR-10, scikit-learn digits) as in-memory tensors."""
+"""Datasets (MNIST, Fashion-MNIST, CIFAR-10, scikit-learn digits, generated articulated shapes) as
+in-memory tensors."""
 
+from neuroplast.data.articulated import (
+    ALL_FAMILIES,
+    FAMILIES,
+    SPLITS,
+    FamilyInfo,
+    family_info,
+    generate,
+    load_articulated,
+)
 from neuroplast.data.datasets import (
     DATASETS,
     Dataset,
@@ -12,12 +22,19 @@ from neuroplast.data.loader import BatchIterator
 from neuroplast.data.sources import DataError, data_root
 
 __all__ = [
+    "ALL_FAMILIES",
     "DATASETS",
+    "FAMILIES",
+    "SPLITS",
     "BatchIterator",
     "DataError",
     "Dataset",
+    "FamilyInfo",
     "data_root",
+    "family_info",
+    "generate",
     "is_available_offline",
+    "load_articulated",
     "load_dataset",
     "parse_idx",
     "read_cifar10_tarball",

@@ -3,6 +3,7 @@
 `load_dataset(name)` returns a `Dataset`: normalised float32 train/test tensors of shape
 (N, C, H, W) (or (N, C*H*W) with `flatten=True`, for MLPs) and int64 labels. These sets are
 small, so everything lives in memory and batches are slices, not per-sample Python objects.
+Generated sets ("articulated") add per-sample targets beyond the label in `Dataset.extras`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import io
 import pickle
 import struct
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ import torch
 
 from neuroplast.data.sources import CIFAR10, FASHION_MNIST, MNIST, DataError, Source, fetch, find_local, verify
 
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "articulated")
 
 _IDX_DTYPES = {
     0x08: np.uint8,
@@ -42,6 +43,7 @@ class Dataset:
     image_shape: tuple[int, int, int]  # (C, H, W)
     num_classes: int
     origin: str  # where the data was read from, for the user's information
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # other targets, e.g. "train_part_masks"
 
     @property
     def num_features(self) -> int:
@@ -155,8 +157,15 @@ def _finish(name, arrays, origin, flatten) -> Dataset:
     return Dataset(name, x_train, y_train, x_test, y_test, shape, num_classes, origin)
 
 
-def load_dataset(name: str, flatten: bool = False, download: bool = True, progress: bool = True) -> Dataset:
-    """Load a dataset by name: one of `DATASETS`."""
+def load_dataset(
+    name: str,
+    flatten: bool = False,
+    download: bool = True,
+    progress: bool = True,
+    articulated: dict | None = None,
+) -> Dataset:
+    """Load a dataset by name: one of `DATASETS`. `articulated`: keyword arguments of
+    `load_articulated` (size, families, split, train, test, seed, cache, progress)."""
     if name == "digits":
         return _finish(name, _digits(), "scikit-learn (embedded 8x8 digits)", flatten)
     if name in ("mnist", "fashion-mnist"):
@@ -170,10 +179,24 @@ def load_dataset(name: str, flatten: bool = False, download: bool = True, progre
         raw = fetch(CIFAR10, download=download, progress=progress)
         arrays = read_cifar10_tarball(raw[CIFAR10.files[0].name], CIFAR10.files[0].name)
         return _finish(name, arrays, "cifar-10-python.tar.gz", flatten)
+    if name == "articulated":
+        return _articulated(flatten, progress, articulated or {})
     raise DataError(f"unknown dataset {name!r}; choose from: {', '.join(DATASETS)}")
+
+
+def _articulated(flatten: bool, progress: bool, options: dict) -> Dataset:
+    import inspect
+
+    from neuroplast.data.articulated import load_articulated  # imports this module: load it late
+
+    valid = [p for p in inspect.signature(load_articulated).parameters if p != "flatten"]
+    for key in options:
+        if key not in valid:
+            raise DataError(f"unknown articulated option {key!r}; choose from: {', '.join(valid)}")
+    return load_articulated(flatten=flatten, **{"progress": progress, **options})
 
 
 def is_available_offline(name: str) -> bool:
     """True if `name` can be loaded without a download (files present, not yet verified)."""
     sources = {"mnist": MNIST, "fashion-mnist": FASHION_MNIST, "cifar10": CIFAR10}
-    return name == "digits" or (name in sources and find_local(sources[name]) is not None)
+    return name in ("digits", "articulated") or (name in sources and find_local(sources[name]) is not None)

@@ -15,6 +15,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from neuroplast.data import Dataset, load_dataset
+from neuroplast.train.config import ConfigError
 
 _DATASETS: dict[tuple[str, bool], Dataset] = {}
 
@@ -25,6 +26,37 @@ def cached_dataset(name: str, flatten: bool = False) -> Dataset:
     if key not in _DATASETS:
         _DATASETS[key] = load_dataset(name, flatten=flatten, progress=False)
     return _DATASETS[key]
+
+
+def study_table(values: dict, source: str, tables: tuple[str, ...], keys: tuple[str, ...], needs: str) -> dict:
+    """The [study] table of a study config, after checking the config's tables (`tables` as they
+    are written, e.g. "regimes.NAME") and the [study] keys; `needs` lists what [study] must hold."""
+    tops = [t.split(".")[0] for t in tables]
+    for key in values:
+        if key not in tops:
+            valid = ", ".join(f"[{t}]" for t in tables)
+            raise ConfigError(f"unknown table or key {key!r} in {source}; valid tables: {valid}")
+    if not isinstance(values.get("study"), dict):
+        raise ConfigError(f"{source} has no [study] table; it needs {needs}")
+    return check_keys(values["study"], "[study]", keys)
+
+
+def check_keys(table, where: str, valid: tuple[str, ...]) -> dict:
+    """`table`, checked to be a table of `valid` keys only."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table, not {table!r}")
+    unknown = sorted(set(table) - set(valid))
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]!r} in {where}; valid keys: {', '.join(valid)}")
+    return table
+
+
+def workers_setting(table: dict, workers: int | None, default: int) -> int:
+    """Cells at a time: the override, else [study] workers, else `default`."""
+    value = workers if workers is not None else table.get("workers", default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"workers {value!r} must be a positive integer (1 runs the cells in this process)")
+    return value
 
 
 def _init_worker(threads: int) -> None:

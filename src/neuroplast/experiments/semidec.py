@@ -31,7 +31,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from neuroplast.experiments.runner import cached_dataset, run_cells
+from neuroplast.experiments.runner import cached_dataset, run_cells, study_table, workers_setting
 from neuroplast.experiments.study import list_setting
 from neuroplast.federated.config import ALGORITHMS, FederatedConfig
 from neuroplast.federated.run import federate
@@ -74,15 +74,9 @@ def _run_values(table, where: str) -> dict:
 def parse_semidec_study(
     values: dict, source: str = "config", out: str | Path | None = None, workers: int | None = None
 ) -> SemidecStudy:
-    for key in values:
-        if key not in ("study", "regimes", "run"):
-            raise ConfigError(f"unknown table or key {key!r} in {source}; valid tables: [study], [regimes.NAME], [run]")
-    table = values.get("study")
-    if not isinstance(table, dict):
-        raise ConfigError(f"{source} has no [study] table; it needs algorithms, topologies, sampled, periods, seeds")
-    unknown = sorted(set(table) - set(STUDY_KEYS))
-    if unknown:
-        raise ConfigError(f"unknown key {unknown[0]!r} in [study]; valid keys: {', '.join(STUDY_KEYS)}")
+    table = study_table(
+        values, source, ("study", "regimes.NAME", "run"), STUDY_KEYS, "algorithms, topologies, sampled, periods, seeds"
+    )
     algorithms = list_setting(table, "algorithms", "[study]", str, '["s2s", "s2a"]')
     for a in algorithms:
         if a not in ALGORITHMS:
@@ -100,9 +94,7 @@ def parse_semidec_study(
     run = _run_values(values.get("run", {}), "[run]")
     for name, regime in regimes.items():
         _run_values(regime, f"[regimes.{name}]")
-    workers_value = workers if workers is not None else table.get("workers", max(1, min(2, os.cpu_count() or 1)))
-    if not isinstance(workers_value, int) or isinstance(workers_value, bool) or workers_value < 1:
-        raise ConfigError(f"workers {workers_value!r} must be a positive integer (1 runs the cells in this process)")
+    workers_value = workers_setting(table, workers, max(1, min(2, os.cpu_count() or 1)))
     out_path = Path(out if out is not None else table.get("out", DEFAULT_OUT))
     cells = []
     for seed in seeds:  # seed-major: a study stopped early has every configuration at the first seeds

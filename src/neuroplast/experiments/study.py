@@ -34,7 +34,7 @@ from pathlib import Path
 
 from neuroplast.data import DataError, is_available_offline, load_dataset
 from neuroplast.dst import METHODS
-from neuroplast.experiments.runner import cached_dataset, run_cells
+from neuroplast.experiments.runner import cached_dataset, check_keys, run_cells
 from neuroplast.train.checkpoint import find_checkpoint, load_checkpoint
 from neuroplast.train.config import ConfigError, RunConfig, load_toml
 from neuroplast.train.grid import is_finished
@@ -161,15 +161,6 @@ def _baseline(table: dict, where: str, methods: list[str]) -> str:
     return baseline
 
 
-def _check_keys(table, where: str, valid: tuple[str, ...]) -> dict:
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where} must be a table, not {table!r}")
-    unknown = sorted(set(table) - set(valid))
-    if unknown:
-        raise ConfigError(f"unknown key {unknown[0]!r} in {where}; valid keys: {', '.join(valid)}")
-    return table
-
-
 def _run_values(table, where: str) -> dict:
     if not isinstance(table, dict):
         raise ConfigError(f"{where} must be a table of RunConfig keys, not {table!r}")
@@ -203,12 +194,12 @@ def parse_study(
             raise ConfigError(f"unknown {kind} in {source}; valid tables: [study], [ablation], [run], [method.NAME]")
     if "study" not in values:
         raise ConfigError(f"{source} has no [study] table; it needs at least methods, densities and seeds")
-    table = _check_keys(values["study"], "[study]", STUDY_KEYS)
+    table = check_keys(values["study"], "[study]", STUDY_KEYS)
     methods = _methods(table, "[study]")
     densities, seeds = _densities(table, "[study]"), _seeds(table, "[study]")
     grids = [Grid("study", methods, densities, seeds, _baseline(table, "[study]", methods))]
     if "ablation" in values:
-        ablation = _check_keys(values["ablation"], "[ablation]", ABLATION_KEYS)
+        ablation = check_keys(values["ablation"], "[ablation]", ABLATION_KEYS)
         ablation_methods = _methods(ablation, "[ablation]")
         grids.append(
             Grid(

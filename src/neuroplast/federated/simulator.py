@@ -104,6 +104,7 @@ class Federation:
         has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in self.model.modules())
         self.vectorized = self.device.type == "cuda" or not has_conv
         self.x_train = data.x_train.reshape(len(data.x_train), -1).contiguous()  # rows for index_select
+        self._batch_rows: torch.Tensor | None = None
 
         self.partition: Partition = split_for(config, data)
         # every device's training indices, concatenated; device i owns starts[i] : starts[i] + counts[i]
@@ -144,8 +145,13 @@ class Federation:
     def local_step(self, round_: int, step: int) -> None:
         c = self.config
         index = self.batch_indices(round_, step)[self.lo : self.hi]
-        xb = self.x_train.index_select(0, index.flatten()).view(*index.shape, *self.data.x_train.shape[1:])
-        xb = xb.to(self.device)
+        flat = index.flatten()
+        if self._batch_rows is None or len(self._batch_rows) != len(flat):
+            self._batch_rows = torch.empty(len(flat), self.x_train.shape[1], dtype=self.x_train.dtype)
+        # into a buffer kept across rounds: a fresh 40 MB tensor per round costs more in page faults
+        # than the gather itself (measured 4.4 vs 22.6 ms, 100 devices x 128 images)
+        torch.index_select(self.x_train, 0, flat, out=self._batch_rows)
+        xb = self._batch_rows.view(*index.shape, *self.data.x_train.shape[1:]).to(self.device)
         yb = self.data.y_train[index].to(self.device)
         if self.vectorized:
             grads, losses = vmap(grad_and_value(self._loss))(self.unflatten(self.x), xb, yb)
@@ -221,10 +227,27 @@ class Federation:
             correct += (logits.argmax(1).cpu() == y[s : s + EVAL_SAMPLES_PER_CHUNK]).sum().item()
         return correct / max(1, len(y))
 
+    def _rows_forward(self, shared_input: bool):
+        """forward(params, x) for a chunk of device models: vmap'd, or device by device for conv
+        models on CPU (as in the local step; grouped convolutions are slower there)."""
+        if self.vectorized:
+            return vmap(lambda p, x: functional_call(self.model, p, (x,)), in_dims=(0, None if shared_input else 0))
+
+        def forward(params: dict, x: torch.Tensor) -> torch.Tensor:
+            rows = len(next(iter(params.values())))
+            return torch.stack(
+                [
+                    functional_call(self.model, {k: v[i] for k, v in params.items()}, (x if shared_input else x[i],))
+                    for i in range(rows)
+                ]
+            )
+
+        return forward
+
     @torch.no_grad()
     def _shared_accuracies(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Accuracy of each local device model on the same images."""
-        forward = vmap(lambda p, x: functional_call(self.model, p, (x,)), in_dims=(0, None))
+        forward = self._rows_forward(shared_input=True)
         per_chunk = max(1, EVAL_SAMPLES_PER_CHUNK // len(y))
         x = x.to(self.device)
         return torch.cat(
@@ -237,7 +260,7 @@ class Federation:
     @torch.no_grad()
     def _own_accuracies(self, indices: list[np.ndarray]) -> torch.Tensor:
         """Accuracy of each local device model on its own training-set indices (padded per chunk)."""
-        forward = vmap(lambda p, x: functional_call(self.model, p, (x,)))
+        forward = self._rows_forward(shared_input=False)
         acc = torch.full((len(indices),), math.nan, dtype=torch.float64)
         per_chunk = max(1, EVAL_SAMPLES_PER_CHUNK // max(1, max(len(i) for i in indices)))
         for s in range(0, len(indices), per_chunk):

@@ -1,4 +1,5 @@
-"""Models: softmax regression, the SET-MLP shape, a small CNN and a ViT (dense or MoBA attention) for 28x28 / 32x32 images."""
+"""Models for 28x28 / 32x32 images: softmax regression, the SET-MLP shape, a small CNN, a ViT
+(dense or MoBA attention) and the part-query encoder (dense or MoBA attention)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-MODELS = ("linear", "mlp", "cnn", "vit")
+MODELS = ("linear", "mlp", "cnn", "vit", "parts", "moba-parts")
 
 
 class Linear(nn.Module):
@@ -88,8 +89,11 @@ def build_model(
     dropout: float = 0.0,
     vit: dict | None = None,
     cnn_hidden: int = 128,
+    parts: dict | None = None,
 ) -> nn.Module:
-    """vit: keyword arguments of `ViT` (patch_size, dim, depth, heads, attention, ...)."""
+    """vit: keyword arguments of `ViT` (patch_size, dim, depth, heads, attention, ...); parts:
+    keyword arguments of `PartQueryEncoder` (patch_size, dim, depth, heads, parts, attention, ...).
+    "moba-parts" is the part-query encoder with MoBA attention (one token per pixel by default)."""
     c, h, w = image_shape
     if name == "linear":
         return Linear(c * h * w, num_classes)
@@ -101,9 +105,18 @@ def build_model(
         return CNN(c, h, num_classes, dropout, cnn_hidden)
     if name == "vit":
         return ViT(image_shape, num_classes, dropout=dropout, **(vit or {}))
+    if name in ("parts", "moba-parts"):
+        options = {"patch_size": 1 if name == "moba-parts" else 4, **(parts or {})}
+        # at one token per pixel, learned positions would be 50k of the ~170k parameters at
+        # 28x28, and the coordinate channels already say where each pixel is
+        options.setdefault("positions", options["patch_size"] > 1)
+        if name == "moba-parts":
+            options["attention"] = "moba"
+        return PartQueryEncoder(image_shape, num_classes, dropout=dropout, **options)
     raise ValueError(f"unknown model {name!r}; choose from: {', '.join(MODELS)}")
 
 
-from neuroplast.models.vit import ViT  # noqa: E402  (after the models it sits beside)
+from neuroplast.models.parts import PartQueryEncoder  # noqa: E402  (after the models it sits beside)
+from neuroplast.models.vit import ViT  # noqa: E402
 
-__all__ = ["CNN", "MLP", "Linear", "MODELS", "ViT", "build_model"]
+__all__ = ["CNN", "MLP", "Linear", "MODELS", "PartQueryEncoder", "ViT", "build_model"]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from neuroplast.attention import ATTENTIONS, ROUTINGS
 from neuroplast.data import DATASETS
+from neuroplast.data.articulated import ALL_FAMILIES
 from neuroplast.dst import METHODS
 from neuroplast.dst.schedules import ANNEALS
 from neuroplast.models import MODELS
@@ -18,6 +19,8 @@ from neuroplast.sparse import BACKENDS, DISTRIBUTIONS
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("cosine", "step", "constant")
 DEVICES = ("cpu", "cuda", "auto")
+ARTICULATED_SPLITS = ("iid", "ood")
+ARTICULATED_SIZES = (28, 32, 64)
 PRECISIONS = ("float32", "bfloat16")  # activations; weights and optimizer state are float32 either way
 
 
@@ -75,11 +78,12 @@ class RunConfig(PlainConfig):
     model: str = "mlp"
     hidden: list[int] = field(default_factory=lambda: [1000, 1000, 1000])
     dropout: float = 0.0
+    cnn_hidden: int = 128  # cnn: width of the dense head
     # ViT (model "vit")
     attention: str = "dense"  # dense or moba
-    patch_size: int = 4  # 1: one token per pixel
+    patch_size: int | None = None  # 1: one token per pixel; None: 4 (1 for moba-parts)
     vit_dim: int = 64
-    vit_depth: int = 4
+    vit_depth: int | None = None  # None: 4 for vit, 2 for the parts models
     vit_heads: int = 4
     block_size: int = 16  # MoBA: tokens per block (a square tile of the patch grid)
     top_k: int = 3  # MoBA: blocks per query, the own block included
@@ -87,6 +91,18 @@ class RunConfig(PlainConfig):
     full_layers: int = 0  # MoBA: the last layers use dense attention (hybrid)
     key_conv: int | None = None  # MoBA: width of the depthwise key convolution (None: off)
     routing: str = "token"  # MoBA: token (each query picks its blocks) or block (per tile of queries)
+    # part-query encoder ("parts", "moba-parts"; patch_size, vit_dim, vit_depth, vit_heads,
+    # block_size and top_k above apply to it too)
+    parts: int = 8  # K learned part queries (masks compete over them at every pixel)
+    part_iterations: int = 3  # rounds of query refinement
+    part_supervision: bool = False  # articulated data: Hungarian-matched part-mask loss
+    joint_head: bool = False  # articulated data: predict joint angles as (sin, cos)
+    # articulated shapes (dataset "articulated")
+    articulated_size: int = 32  # canvas side: 28, 32 or 64
+    articulated_families: str = "arm2,arm3,lamp,scissors,stick"  # comma-separated
+    articulated_split: str = "iid"  # test on in-distribution joint angles, or "ood" ones
+    articulated_train: int = 20000  # training samples
+    articulated_test: int = 4000  # test samples
     # sparsity
     method: str = "set"
     density: float = 0.05
@@ -143,6 +159,11 @@ class RunConfig(PlainConfig):
             "attention": ATTENTIONS,
             "routing": ROUTINGS,
         }
+        if self.patch_size is None:
+            self.patch_size = 1 if self.model == "moba-parts" else 4
+        if self.vit_depth is None:
+            self.vit_depth = 2 if self.model in ("parts", "moba-parts") else 4
+        choices["articulated_split"] = ARTICULATED_SPLITS
         for key, valid in choices.items():
             value = getattr(self, key)
             if value not in valid:
@@ -159,6 +180,10 @@ class RunConfig(PlainConfig):
             "vit_heads",
             "block_size",
             "top_k",
+            "part_iterations",
+            "cnn_hidden",
+            "articulated_train",
+            "articulated_test",
         ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} {getattr(self, key)!r} must be a positive integer")
@@ -191,7 +216,41 @@ class RunConfig(PlainConfig):
             raise ConfigError(f"unknown drop_anneal {self.drop_anneal!r}; choose from: {', '.join(ANNEALS)}")
         if self.epsilon is not None and self.distribution != "er":
             raise ConfigError(f"epsilon is only used with distribution 'er', not {self.distribution!r}")
+        if self.parts < 2:
+            raise ConfigError(f"parts {self.parts!r} must be >= 2 (the background takes one part query)")
+        if self.articulated_size not in ARTICULATED_SIZES:
+            raise ConfigError(
+                f"articulated_size {self.articulated_size!r} is not supported; choose from: "
+                f"{', '.join(map(str, ARTICULATED_SIZES))}"
+            )
+        for family in self.families():
+            if family not in ALL_FAMILIES:
+                raise ConfigError(f"unknown articulated family {family!r}; choose from: {', '.join(ALL_FAMILIES)}")
+        if not self.families():
+            raise ConfigError("articulated_families is empty; give comma-separated names, e.g. arm2,lamp")
+        is_parts = self.model in ("parts", "moba-parts")
+        for key in ("part_supervision", "joint_head"):
+            if getattr(self, key) and not (is_parts and self.dataset == "articulated"):
+                raise ConfigError(
+                    f"{key} needs a parts model on the articulated dataset, not {self.model!r} on {self.dataset!r}"
+                )
         return self
+
+    def families(self) -> list[str]:
+        return [name.strip() for name in self.articulated_families.split(",") if name.strip()]
+
+    def dataset_options(self) -> dict:
+        """Keyword arguments of `load_dataset` beyond the name (the articulated set's options)."""
+        if self.dataset != "articulated":
+            return {}
+        options = dict(
+            size=self.articulated_size,
+            families=tuple(self.families()),
+            split=self.articulated_split,
+            train=self.articulated_train,
+            test=self.articulated_test,
+        )
+        return {"articulated": options}
 
 
 def load_toml(path: str | Path) -> dict:

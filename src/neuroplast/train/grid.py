@@ -49,7 +49,7 @@ def run_grid(
     todo = [(c, f) for c, f in zip(configs, folders) if not is_finished(f, c)]
     if log and len(todo) < len(configs):
         log(f"{len(configs) - len(todo)} of {len(configs)} cells already finished in {out}; skipping them")
-    dataset = load_dataset(base.dataset, flatten=base.model == "mlp") if todo else None
+    dataset = load_dataset(base.dataset, flatten=base.model == "mlp", **base.dataset_options()) if todo else None
     for i, (config, folder) in enumerate(todo, 1):
         if log:
             log(f"[{i}/{len(todo)}] {folder.name}")

@@ -53,6 +53,51 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def model_for(config: RunConfig, image_shape: tuple[int, int, int], num_classes: int, joints: int = 0) -> nn.Module:
+    """The model a run config describes, for images of `image_shape` (ValueError if it cannot be
+    built for them, e.g. a patch size or MoBA block that does not fit)."""
+    attention = dict(
+        patch_size=config.patch_size,
+        dim=config.vit_dim,
+        depth=config.vit_depth,
+        heads=config.vit_heads,
+        block_size=config.block_size,
+        top_k=config.top_k,
+    )
+    vit = dict(
+        attention,
+        attention=config.attention,
+        own_block=config.own_block,
+        full_layers=config.full_layers,
+        key_conv=config.key_conv,
+        routing=config.routing,
+    )
+    parts = dict(attention, parts=config.parts, iterations=config.part_iterations, joints=joints)
+    if config.model == "parts":  # moba-parts is MoBA by definition
+        parts["attention"] = config.attention
+    return build_model(
+        config.model,
+        image_shape,
+        num_classes,
+        config.hidden,
+        config.dropout,
+        vit,
+        cnn_hidden=config.cnn_hidden,
+        parts=parts,
+    )
+
+
+def supervision_targets(config: RunConfig, data: Dataset) -> dict[str, torch.Tensor]:
+    """The training targets beyond the label that the config asks the model to learn."""
+    targets = {}
+    if config.part_supervision:
+        targets["part_masks"] = data.extras["train_part_masks"]
+    if config.joint_head:
+        targets["joint_angles"] = data.extras["train_joint_angles"]
+        targets["joint_valid"] = data.extras["train_joint_valid"]
+    return targets
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -122,24 +167,10 @@ class Run:
         self.config = config
         self.device = resolve_device(config.device)
         seed_everything(config.seed)
-        self.data = dataset or load_dataset(config.dataset, flatten=config.model == "mlp")
-        vit = dict(
-            patch_size=config.patch_size,
-            dim=config.vit_dim,
-            depth=config.vit_depth,
-            heads=config.vit_heads,
-            attention=config.attention,
-            block_size=config.block_size,
-            top_k=config.top_k,
-            own_block=config.own_block,
-            full_layers=config.full_layers,
-            key_conv=config.key_conv,
-            routing=config.routing,
-        )
+        self.data = dataset or load_dataset(config.dataset, flatten=config.model == "mlp", **config.dataset_options())
+        joints = self.data.extras["train_joint_angles"].shape[1] if config.joint_head else 0
         try:
-            self.model = build_model(
-                config.model, self.data.image_shape, self.data.num_classes, config.hidden, config.dropout, vit
-            ).to(self.device)
+            self.model = model_for(config, self.data.image_shape, self.data.num_classes, joints).to(self.device)
         except ValueError as exc:  # e.g. a patch size or MoBA block that does not fit the images
             raise ConfigError(str(exc)) from exc
         self.topology: Topology | None = None
@@ -151,7 +182,10 @@ class Run:
         self.optimizer = build_optimizer(config, self.model)
         self.lr_schedule = build_lr_schedule(config, self.optimizer)
         self.shuffle = torch.Generator().manual_seed(config.seed + 1)
-        self.batches = BatchIterator(self.data.x_train, self.data.y_train, config.batch_size, True, self.shuffle)
+        # targets beyond the label (part masks, joint angles) travel as row indices into these
+        self.targets = supervision_targets(config, self.data)
+        labels = torch.arange(len(self.data.y_train)) if self.targets else self.data.y_train
+        self.batches = BatchIterator(self.data.x_train, labels, config.batch_size, True, self.shuffle)
         self.engine: DSTEngine | None = None
         if self.topology is not None:
             self.topology.attach(self.optimizer)
@@ -197,10 +231,17 @@ class Run:
         if progress is not None:
             task = progress.add_task(f"epoch {self.epoch + 1}/{self.config.epochs}", total=len(self.batches), info="")
         for i, (xb, yb) in enumerate(self.batches):
+            targets = None
+            if self.targets:
+                targets = {key: value[yb].to(self.device) for key, value in self.targets.items()}
+                yb = self.data.y_train[yb]
             xb, yb = xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
             with autocast(self.device, self.config.precision):
-                logits = self.model(xb)
-                loss = F.cross_entropy(logits, yb)
+                if hasattr(self.model, "training_loss"):  # models with objectives of their own
+                    loss, logits = self.model.training_loss(xb, yb, targets)
+                else:
+                    logits = self.model(xb)
+                    loss = F.cross_entropy(logits, yb)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
