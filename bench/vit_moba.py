@@ -73,7 +73,7 @@ def main() -> None:
     for patch in args.patches.split(","):
         if not patch.strip().isdecimal() or int(patch) not in BLOCKS:
             parser.error(f"--patches: unsupported patch size {patch!r}; choose from {', '.join(map(str, BLOCKS))}")
-    depth = RunConfig().vit_depth
+    depth = RunConfig(model="vit").validate().vit_depth
     if not 0 <= args.hybrid < depth:
         parser.error(f"--hybrid: {args.hybrid} dense layers; choose from 0 to {depth - 1} (the ViT has {depth})")
     if args.hybrid and "hybrid" not in names:

@@ -320,3 +320,11 @@ def test_load_articulated_round_trips_through_the_cache(tmp_path, monkeypatch):
     victim.write_bytes(victim.read_bytes()[:100])
     with pytest.raises(DataError, match="truncated or corrupt"):
         load_articulated(**options)
+
+
+@pytest.mark.parametrize("split", ["train", "ood"])
+def test_pairs_move_at_least_the_minimum_even_in_narrow_ranges(split):
+    """The scissors' ood band is 30 degrees wide: a joint in its middle can only move to an end."""
+    p = generate(400, seed=5, size=28, families=("scissors", "lamp"), split=split, pairs=True)
+    moved = np.degrees(np.abs(p["delta_q"]))[p["moved"]]
+    assert len(moved) > 300 and moved.min() >= 15 - 1e-4

@@ -22,23 +22,26 @@ def data_root(tmp_path, monkeypatch):
 
 def test_pivots_from_true_masks_are_exact():
     """With the true masks and rotation, the rigid-motion estimate finds the moved joint's pivot:
-    every part below the joint turns about it. (Scissors are left out: one blade hides part of
-    the other, so the visible blade is not a rigid copy of itself.)"""
-    p = generate(200, seed=3, size=28, families=("arm2", "arm3", "lamp"), pairs=True, split="test")
+    every part below the joint turns about it; parts that only look different because another
+    part hides less or more of them (scissors' blades, a stick figure's limbs) are left out."""
+    p = generate(400, seed=3, size=28, pairs=True, split="test")
     single = np.flatnonzero(p["moved"].sum(1) == 1)
     joint = p["moved"][single].argmax(1)
     rows = np.arange(len(single))
+    truth = torch.from_numpy(p["joint_pos_a"][single][rows, joint])
     da = pose_descriptors(torch.from_numpy(p["part_masks_a"][single]))
     db = pose_descriptors(torch.from_numpy(p["part_masks_b"][single]))
     delta = torch.from_numpy(p["delta_q"][single][rows, joint])
     estimate, moved = estimate_pivots(da, db, delta, 28)
-    error = (estimate - torch.from_numpy(p["joint_pos_a"][single][rows, joint])).norm(dim=-1)
-    assert len(single) > 50
-    assert error.median() < 0.2
-    assert moved.any(1).float().mean() > 0.9  # a short link turning 15° may shift less than a pixel
+    error = (estimate - truth).norm(dim=-1)
+    assert len(single) > 200
+    assert error.nanmedian() < 0.2
+    # found unless every moving part is short and turned little (its centroid moved < 1 pixel)
+    assert estimate[:, 0].isfinite().double().mean() > 0.9
+    assert moved.any(1).equal(estimate[:, 0].isfinite())
     # a wrong rotation puts the pivot elsewhere
     wrong, _ = estimate_pivots(da, db, -delta, 28)
-    assert (wrong - torch.from_numpy(p["joint_pos_a"][single][rows, joint])).norm(dim=-1).median() > 2
+    assert (wrong - truth).norm(dim=-1).nanmedian() > 2
 
 
 def test_config_defaults_follow_the_model():
@@ -59,6 +62,9 @@ def test_config_defaults_follow_the_model():
         (dict(dataset="articulated", articulated_size=30), "articulated_size 30"),
         (dict(dataset="articulated", articulated_split="odd"), "unknown articulated_split 'odd'"),
         (dict(model="parts", parts=1), "parts 1"),
+        (dict(dataset="articulated", articulated_families="arm2,arm2"), "lists 'arm2' more than once"),
+        (dict(model="parts", dataset="articulated", part_supervision=True, parts=6), "parts >= 7"),
+        (dict(model="parts", attention="moba", routing="block"), "routing 'block' is a vit setting"),
     ],
 )
 def test_bad_parts_settings(values, words):
@@ -88,7 +94,7 @@ def test_mask_supervision_needs_enough_queries(tmp_path):
         epochs=1,
         method="dense",
     )
-    with pytest.raises(ValueError, match="parts >= 7"):
+    with pytest.raises(ConfigError, match="parts >= 7"):
         train(config, tmp_path / "run", progress=False, log=None)
 
 
@@ -157,6 +163,9 @@ def test_parts_study_runs_scores_and_reports(tmp_path):
         (lambda s: s["variants"]["cnn"].update(dataset="digits"), "sets 'dataset'"),
         (lambda s: s["variants"]["cnn"].update(wings=2), "unknown key 'wings'"),
         (lambda s: s.update(extra={}), "unknown table or key 'extra'"),
+        (lambda s: s["variants"]["sup"].update(datasets="articulated"), "must be a list"),
+        (lambda s: s["variants"]["sup"].update(datasets=["mnist"]), "\\[study\\] datasets does not list"),
+        (lambda s: s["datasets"].update(fashion_mnist={"epochs": 2}), "\\[datasets.fashion_mnist\\] is not one of"),
         (
             lambda s: s["variants"]["cnn"].update(model="vit", attention="moba", block_size=7),
             "cell digits/cnn/seed0: block_size 7 cannot be a tile of the 2x2",
@@ -168,3 +177,15 @@ def test_parts_study_config_errors(change, words):
     change(values)
     with pytest.raises(ConfigError, match=words):
         parse_parts_study(values)
+
+
+def test_configs_saved_before_model_dependent_defaults_still_match():
+    """A config saved without patch_size / vit_depth takes the defaults of its own model."""
+    from dataclasses import asdict
+
+    for model, patch, depth in (("vit", 4, 4), ("parts", 4, 2), ("moba-parts", 1, 2), ("mlp", 4, 4)):
+        config = RunConfig(model=model).validate()
+        saved = {k: v for k, v in asdict(config).items() if k not in ("patch_size", "vit_depth")}
+        assert config.changed_from(saved) == [], model
+        assert (config.patch_size, config.vit_depth) == (patch, depth)
+        assert RunConfig(model=model, vit_depth=3).validate().changed_from(saved) == ["vit_depth"]

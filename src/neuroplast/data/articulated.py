@@ -424,11 +424,35 @@ def _second_state(joints, angles, rng, split) -> tuple[float, ...]:
     result = list(angles)
     for j, joint in enumerate(joints):
         if moved[j]:
-            for _ in range(32):  # every range is far wider than the minimum move: this ends at once
-                result[j] = _angle(float(rng.random()), joint.intervals(split))
-                if abs(_wrap(result[j] - angles[j])) >= math.radians(MIN_MOVE_DEGREES):
-                    break
+            away = _away(joint.intervals(split), math.degrees(angles[j]), MIN_MOVE_DEGREES)
+            result[j] = _angle(float(rng.random()), away)
     return tuple(result)
+
+
+def _away(intervals, centre: float, gap: float) -> tuple[tuple[float, float], ...]:
+    """The degree intervals less the open interval (centre - gap, centre + gap), on the circle:
+    what is left is at least `gap` from `centre`. Every split's range of every joint is at least
+    2 * gap wide (the narrowest, the scissors' ood band, is 30 degrees), so something is left,
+    if only an end point."""
+    cuts = [(centre - gap + shift, centre + gap + shift) for shift in (-360.0, 0.0, 360.0)]
+    left = []
+    for interval in intervals:
+        pieces = [interval]
+        for c0, c1 in cuts:
+            kept = []
+            for p0, p1 in pieces:
+                if c1 <= p0 or c0 >= p1:
+                    kept.append((p0, p1))
+                    continue
+                if c0 >= p0:
+                    kept.append((p0, c0))
+                if c1 <= p1:
+                    kept.append((c1, p1))
+            pieces = kept
+        left += pieces
+    if not left:
+        raise ValueError(f"no angle in {intervals} is {gap} degrees away from {centre:.1f}")
+    return tuple(left)
 
 
 # -- layout -----------------------------------------------------------------------------------

@@ -99,8 +99,20 @@ def parse_parts_study(
                 f"tables: {', '.join(variant_tables) or 'none'}"
             )
         _run_table(variant_tables[name], f"[variants.{name}]", extra=("datasets",))
+    for name in variants:
+        only = variant_tables[name].get("datasets")
+        if only is not None:
+            only = list_setting(variant_tables[name], "datasets", f"[variants.{name}]", str, '["articulated"]')
+            for dataset in only:
+                if dataset not in datasets:
+                    raise ConfigError(
+                        f"[variants.{name}] datasets names {dataset!r}, which [study] datasets does not list: "
+                        f"{', '.join(datasets)}"
+                    )
     dataset_tables = values.get("datasets", {})
     for name, overrides in dataset_tables.items():
+        if name not in datasets:
+            raise ConfigError(f"[datasets.{name}] is not one of [study] datasets: {', '.join(datasets)}")
         _run_table(overrides, f"[datasets.{name}]")
     run = _run_table(values.get("run", {}), "[run]")
     workers_value = workers_setting(table, workers, 1)
@@ -168,9 +180,25 @@ def _square(data: Dataset) -> bool:
     return data.image_shape[1] == data.image_shape[2]
 
 
+# joints whose angle an image cannot show: an arm's shoulder is measured from the global
+# rotation theta0, which its base, a disc, does not reveal (with rotation on, the shoulder is
+# uniform over the circle whatever the image)
+HIDDEN_JOINTS = {"arm2": (0,), "arm3": (0,)}
+
+
+def visible_joints(valid: torch.Tensor, labels: torch.Tensor, families: list[str]) -> torch.Tensor:
+    """`valid` (B, J) less the joints the image cannot show (`HIDDEN_JOINTS`)."""
+    visible = valid.clone()
+    for f, name in enumerate(families):
+        for j in HIDDEN_JOINTS.get(name, ()):
+            visible[labels == f, j] = False
+    return visible
+
+
 @torch.no_grad()
 def part_scores(run: Run, data: Dataset, joints: bool) -> dict:
-    """mIoU and FG-ARI of the predicted masks against the true parts, and joint-angle error."""
+    """mIoU and FG-ARI of the predicted masks against the true parts; joint-angle error over the
+    joints an image can show (`HIDDEN_JOINTS` left out) and over all of them."""
     from neuroplast.models.parts import angle_error_degrees, foreground_ari, part_miou
 
     count = min(METRIC_SAMPLES, len(data.y_test))
@@ -182,11 +210,10 @@ def part_scores(run: Run, data: Dataset, joints: bool) -> dict:
         "foreground_ari": float(foreground_ari(masks, data.extras["test_part_labels"][:count]).nanmean()),
     }
     if joints and out.angles is not None:
-        scores["angle_error_degrees"] = float(
-            angle_error_degrees(
-                out.angles.cpu(), data.extras["test_joint_angles"][:count], data.extras["test_joint_valid"][:count]
-            )
-        )
+        angles, valid = data.extras["test_joint_angles"][:count], data.extras["test_joint_valid"][:count]
+        visible = visible_joints(valid, data.y_test[:count], run.config.families())
+        scores["angle_error_degrees"] = float(angle_error_degrees(out.angles.cpu(), angles, visible))
+        scores["angle_error_all_joints_degrees"] = float(angle_error_degrees(out.angles.cpu(), angles, valid))
     return scores
 
 
@@ -271,7 +298,10 @@ COLUMNS = (  # key, header, scale, digits
     ("part_miou", "part mIoU", 1, 3),
     ("foreground_ari", "FG-ARI", 1, 3),
     ("angle_error_degrees", "angle err. (°)", 1, 1),
+    ("angle_error_all_joints_degrees", "angle err., arm shoulders too (°)", 1, 1),
     ("ood_angle_error_degrees", "OOD angle err. (°)", 1, 1),
+    ("moved_joint_accuracy", "moved joint found (%)", 100, 1),
+    ("pivot_found", "pivot found (%)", 100, 1),
     ("pivot_error_px", "pivot err. (px)", 1, 2),
     ("pivot_error_true_rotation_px", "pivot err., true rotation (px)", 1, 2),
     ("equivariance_rot90", "equiv. err. rot90", 1, 3),
@@ -373,9 +403,13 @@ def estimate_pivots(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The pivot of a rotation by `delta` (B,) that carries each moving part's centroid in state a
     to its centroid in state b: for part k, R(μ_a,k − p) + p = μ_b,k, so (I − R) p = μ_b,k − R μ_a,k,
-    solved by least squares over the parts whose centroid moved more than `min_shift` pixels,
-    weighted by their area (the largest mask, the background, left out). Descriptors (B, K, 6) as `pose_descriptors` gives; returns the
-    pivots (B, 2) in pixel coordinates (x, y) and which parts moved (B, K)."""
+    solved by least squares, weighted by area, over the parts that moved *as the rotation says*:
+    the centroid shifted more than `min_shift` pixels and, for a part with an axis, the axis turned
+    by delta rather than staying put (a part whose visible mask only changed because another part
+    now hides less or more of it shifts its centroid without turning). The largest mask, the
+    background, never counts. Descriptors (B, K, 6) as `pose_descriptors` gives; returns the
+    pivots (B, 2) in pixel coordinates (x, y), NaN where no part moved, and which parts counted
+    (B, K)."""
 
     def pixels(d: torch.Tensor) -> torch.Tensor:
         return (d[..., 1:3] + 1) / 2 * size
@@ -383,23 +417,28 @@ def estimate_pivots(
     mu_a, mu_b = pixels(descriptors_a), pixels(descriptors_b)
     area = (descriptors_a[..., 0] + descriptors_b[..., 0]) / 2
     moved = ((mu_b - mu_a).norm(dim=-1) > min_shift) & (area > 1e-3)
-    # the largest mask is the background: its centroid shifts when a part moves, but not rigidly
     moved &= torch.arange(area.shape[1]) != area.argmax(1, keepdim=True)
+    # an axis (cos 2θ, sin 2θ) turns by 2·delta when its part turns by delta
+    axis_a, axis_b = descriptors_a[..., 3:5], descriptors_b[..., 3:5]
+    turned = axis_a @ rotation(2 * delta).transpose(1, 2)
+    has_axis = (axis_a.norm(dim=-1) > 0.3) & (axis_b.norm(dim=-1) > 0.3)
+    moved &= ~has_axis | ((axis_b - turned).norm(dim=-1) < (axis_b - axis_a).norm(dim=-1))
     r = rotation(delta)  # (B, 2, 2)
-    lhs = torch.eye(2) - r
     rhs = mu_b - mu_a @ r.transpose(1, 2)  # (B, K, 2)
     w = area * moved
     # normal equations of Σ_k w_k ||(I − R) p − rhs_k||²: (I − R) is the same for every part
     target = (w[..., None] * rhs).sum(1) / w.sum(1, keepdim=True).clamp_min(1e-8)
-    pivots = torch.linalg.solve(lhs, target[..., None])[..., 0]
+    pivots = torch.linalg.solve(torch.eye(2) - r, target[..., None])[..., 0]
+    pivots[~moved.any(1)] = math.nan
     return pivots, moved
 
 
 @torch.no_grad()
 def pair_scores(run: Run, config: RunConfig, count: int = PAIR_SAMPLES) -> tuple[dict, dict]:
-    """Pivot error (pixels) from pairs of joint states with exactly one moved joint: with the
-    rotation the joint head predicts, and with the true rotation (the masks' share of the error).
-    Also returns the arrays the pair figure draws."""
+    """Median pivot error (pixels) from pairs of joint states with exactly one moved joint: with
+    the rotation the joint head predicts, and with the true rotation (what the masks alone get
+    wrong); the share of pairs where a moving part was found; how often the joint head names the
+    joint that moved. Also returns the arrays the pair figure draws."""
     from neuroplast.data.articulated import generate
 
     pairs = generate(
@@ -416,7 +455,7 @@ def pair_scores(run: Run, config: RunConfig, count: int = PAIR_SAMPLES) -> tuple
     da, db = out_a.descriptors.cpu(), out_b.descriptors.cpu()
     scores, figure = {}, {}
     with_true, moved = estimate_pivots(da, db, true_delta, config.articulated_size)
-    scores["pivot_error_true_rotation_px"] = float((with_true - true_pivot).norm(dim=-1).median())
+    scores["pivot_error_true_rotation_px"] = float((with_true - true_pivot).norm(dim=-1).nanmedian())
     if out_a.angles is not None:
         predicted = torch.atan2(out_b.angles[..., 0], out_b.angles[..., 1]) - torch.atan2(
             out_a.angles[..., 0], out_a.angles[..., 1]
@@ -425,7 +464,8 @@ def pair_scores(run: Run, config: RunConfig, count: int = PAIR_SAMPLES) -> tuple
         valid = torch.from_numpy(pairs["joint_valid"][single])
         moved_joint = predicted.abs().masked_fill(~valid, -1).argmax(1)
         estimate, moved = estimate_pivots(da, db, predicted[rows, moved_joint], config.articulated_size)
-        scores["pivot_error_px"] = float((estimate - true_pivot).norm(dim=-1).median())
+        scores["pivot_error_px"] = float((estimate - true_pivot).norm(dim=-1).nanmedian())
+        scores["pivot_found"] = float(estimate[:, 0].isfinite().double().mean())
         scores["moved_joint_accuracy"] = float((moved_joint == torch.from_numpy(joint)).double().mean())
         figure["estimate"] = estimate
     figure.update(

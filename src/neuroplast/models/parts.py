@@ -67,10 +67,11 @@ def pose_descriptors(masks: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
         (weights * du * dv).sum((-2, -1)),
     )
     difference, twice_uv = s_uu - s_vv, 2 * s_uv
-    spread = (difference.square() + twice_uv.square() + eps * eps).sqrt()
+    spread = (difference.square() + twice_uv.square() + eps * eps).sqrt()  # smooth, for the axis
+    exact = (difference.square() + twice_uv.square()).clamp_min(1e-20).sqrt()  # for the eigenvalues
     trace = s_uu + s_vv
-    major = (trace + spread) / 2
-    minor = ((trace - spread) / 2).clamp_min(0)
+    major = (trace + exact) / 2
+    minor = ((trace - exact) / 2).clamp_min(0)
     elongation = torch.log((major + eps) / (minor + eps))
     area = mass / (height * width)
     return torch.stack([area, mu_u, mu_v, difference / spread, twice_uv / spread, elongation], -1)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from neuroplast.attention import ATTENTIONS, ROUTINGS
 from neuroplast.data import DATASETS
-from neuroplast.data.articulated import ALL_FAMILIES
+from neuroplast.data.articulated import ALL_FAMILIES, max_parts_and_joints
 from neuroplast.dst import METHODS
 from neuroplast.dst.schedules import ANNEALS
 from neuroplast.models import MODELS
@@ -52,8 +52,12 @@ class PlainConfig:
     def changed_from(self, saved: dict) -> list[str]:
         """The settings in which this config differs from a saved one (its `asdict`). A setting
         the saved config does not have (written before the setting existed) counts as its default."""
-        defaults = asdict(type(self)())
+        defaults = asdict(self.defaults_for(saved))
         return sorted(key for key, value in asdict(self).items() if saved.get(key, defaults[key]) != value)
+
+    def defaults_for(self, saved: dict):
+        """The defaults a saved config's missing settings take."""
+        return type(self)()
 
     def to_toml(self) -> str:
         lines = [f"{k} = {json.dumps(v)}" for k, v in asdict(self).items() if v is not None]
@@ -228,13 +232,34 @@ class RunConfig(PlainConfig):
                 raise ConfigError(f"unknown articulated family {family!r}; choose from: {', '.join(ALL_FAMILIES)}")
         if not self.families():
             raise ConfigError("articulated_families is empty; give comma-separated names, e.g. arm2,lamp")
+        repeated = sorted({f for f in self.families() if self.families().count(f) > 1})
+        if repeated:
+            raise ConfigError(f"articulated_families lists {repeated[0]!r} more than once")
         is_parts = self.model in ("parts", "moba-parts")
+        if is_parts:
+            for key in ("own_block", "full_layers", "key_conv", "routing"):
+                if getattr(self, key) != getattr(RunConfig, key):
+                    raise ConfigError(
+                        f"{key} {getattr(self, key)!r} is a vit setting; parts models always attend to their own "
+                        f"block, route per token and have no key convolution or dense layers"
+                    )
+        if self.part_supervision:
+            needed = max_parts_and_joints(self.families())[0] + 1
+            if self.parts < needed:
+                raise ConfigError(
+                    f"parts {self.parts} is too few for part_supervision on {self.articulated_families}: "
+                    f"one query per true part and the background needs parts >= {needed}"
+                )
         for key in ("part_supervision", "joint_head"):
             if getattr(self, key) and not (is_parts and self.dataset == "articulated"):
                 raise ConfigError(
                     f"{key} needs a parts model on the articulated dataset, not {self.model!r} on {self.dataset!r}"
                 )
         return self
+
+    def defaults_for(self, saved: dict) -> RunConfig:
+        # some defaults depend on the model (patch_size, vit_depth): resolve them for the saved one
+        return RunConfig(model=saved.get("model", self.model)).validate()
 
     def families(self) -> list[str]:
         return [name.strip() for name in self.articulated_families.split(",") if name.strip()]
