@@ -255,6 +255,7 @@ class Run:
                     task,
                     completed=i + 1,
                     info=f"loss {loss_sum.item() / seen:.4f}  acc {correct.item() / seen:.4f}  density {self.density():.4f}",
+                    refresh=i == 0,  # drawn from an epoch's first batch, however short the epoch
                 )
         if task is not None:
             progress.remove_task(task)
