@@ -53,7 +53,10 @@ def test_run_folder_contents(tmp_path):
 
 def test_progress_bar_renders(capsys, monkeypatch):
     """The rich progress bar, rendered as on a terminal, from the first batch on."""
+    import rich
+
     monkeypatch.setenv("FORCE_COLOR", "1")  # rich treats the captured stdout as a terminal
+    monkeypatch.setattr(rich, "_console", None)  # ... once its cached console, made by earlier tests, is gone
     train(small(epochs=2, batch_size=8), None, progress=True, log=None)
     out = capsys.readouterr().out
     assert "epoch 2/2" in out and "density 0.1" in out
