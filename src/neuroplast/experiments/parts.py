@@ -40,8 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from neuroplast.data import Dataset, load_dataset
-from neuroplast.experiments.runner import run_cells, study_table, workers_setting
+from neuroplast.data import Dataset
+from neuroplast.experiments.runner import cached_dataset, run_cells, study_table, workers_setting
 from neuroplast.experiments.study import list_setting
 from neuroplast.train.checkpoint import find_checkpoint, load_checkpoint
 from neuroplast.train.config import ConfigError, RunConfig, load_toml
@@ -153,18 +153,13 @@ def load_parts_study(path: str | Path, out: str | Path | None = None, workers: i
 
 # -- one cell -------------------------------------------------------------------------------------
 
-_DATA: dict[tuple, Dataset] = {}
-
 
 def cell_dataset(config: RunConfig, split: str | None = None) -> Dataset:
     """The cell's dataset, loaded once per process (`split` overrides the articulated test split)."""
     options = config.dataset_options()
     if split is not None and "articulated" in options:
         options = {"articulated": {**options["articulated"], "split": split}}
-    key = (config.dataset, config.model == "mlp", json.dumps(options, sort_keys=True))
-    if key not in _DATA:
-        _DATA[key] = load_dataset(config.dataset, flatten=config.model == "mlp", progress=False, **options)
-    return _DATA[key]
+    return cached_dataset(config.dataset, config.model == "mlp", **options)
 
 
 def trained_run(config: RunConfig, folder: Path) -> Run:

@@ -8,6 +8,7 @@ finished cells stay finished and the others resume from their last checkpoint ne
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections.abc import Callable, Sequence
@@ -17,14 +18,14 @@ from pathlib import Path
 from neuroplast.data import Dataset, load_dataset
 from neuroplast.train.config import ConfigError
 
-_DATASETS: dict[tuple[str, bool], Dataset] = {}
+_DATASETS: dict[tuple, Dataset] = {}
 
 
-def cached_dataset(name: str, flatten: bool = False) -> Dataset:
-    """Each process loads a dataset once."""
-    key = (name, flatten)
+def cached_dataset(name: str, flatten: bool = False, **options) -> Dataset:
+    """Each process loads a dataset once (per set of `load_dataset` options)."""
+    key = (name, flatten, json.dumps(options, sort_keys=True))
     if key not in _DATASETS:
-        _DATASETS[key] = load_dataset(name, flatten=flatten, progress=False)
+        _DATASETS[key] = load_dataset(name, flatten=flatten, progress=False, **options)
     return _DATASETS[key]
 
 

@@ -24,7 +24,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from neuroplast.attention import ATTENTIONS, MoBAttention, inverse_order, tile_order
-from neuroplast.models.vit import Block, square_tile
+from neuroplast.models.vit import Block, patchify, square_tile
 
 TRANSFORMS = ("rot90", "rot180", "rot270", "hflip", "vflip")
 
@@ -218,17 +218,10 @@ class PartQueryEncoder(nn.Module):
         else:
             self.decode_basis = self.decode_query = None
 
-    def patches(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, tokens, C * p * p), tokens in raster order."""
-        p = self.patch_size
-        b, c, h, w = z.shape
-        z = z.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
-        return z.reshape(b, (h // p) * (w // p), c * p * p)
-
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, N, dim), raster order."""
         coordinates = self.coordinates.to(x.dtype).expand(x.shape[0], -1, -1, -1)
-        patches = self.patches(torch.cat([x, coordinates], 1))
+        patches = patchify(torch.cat([x, coordinates], 1), self.patch_size)
         if self.order is not None:
             patches = patches[:, self.order]
         t = self.embed(patches)

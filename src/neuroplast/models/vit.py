@@ -30,6 +30,13 @@ def square_tile(rows: int, cols: int, block_size: int) -> tuple[int, int]:
     return best
 
 
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, tokens, C * p * p): p x p patches, tokens in raster order."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // p) * (w // p), c * p * p)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block."""
 
@@ -116,11 +123,7 @@ class ViT(nn.Module):
         self.head = nn.Linear(dim, num_classes)
 
     def patches(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, tokens, C * p * p), tokens in raster order."""
-        p = self.patch_size
-        b, c, h, w = x.shape
-        x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
-        return x.reshape(b, (h // p) * (w // p), c * p * p)
+        return patchify(x, self.patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         patches, position = self.patches(x), self.position
