@@ -32,7 +32,6 @@ implementation's turn. `--no-keep-memory` leaves glibc's defaults.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import statistics
 import time
@@ -41,24 +40,13 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # read by torch at its first
 
 import torch
 import torch.nn.functional as F
+from common import Report, keep_freed_memory, machine
 
-from neuroplast.attention import ROUTINGS, moba_attention, moba_attention_packed
+from neuroplast.attention import ROUTINGS, MoBAOptions, moba_attention, moba_attention_packed
 from neuroplast.attention.moba import head_views
-from neuroplast.experiments.report import machine
 
 HEADS, HEAD_DIM, BLOCK, TOP_K = 8, 64, 128, 3
 VIT_SHAPES = [(196, 14), (784, 16)]  # tokens, block (a square tile of the patch grid)
-
-
-def keep_freed_memory() -> bool:
-    """glibc: serve blocks under 1 GiB from the heap and never trim it, so freed memory stays in
-    the process for the next allocation. False where the C library is not glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
-    except (OSError, AttributeError):
-        return False
 
 
 def heads_of(inputs):
@@ -76,7 +64,7 @@ def run(kind: str, inputs, causal: bool, backward: bool, block: int, routing: st
     if kind == "dense":
         out = F.scaled_dot_product_attention(*heads_of(inputs), is_causal=causal)
     elif kind == "kernel" and len(inputs) == 2:
-        out = moba_attention_packed(*inputs, block, TOP_K, **options)
+        out = moba_attention_packed(*inputs, MoBAOptions(block, TOP_K, **options))
     else:
         q, k, v = heads_of(inputs)
         out = moba_attention(q, k, v, block, TOP_K, **options)
@@ -163,17 +151,18 @@ def main() -> None:
         kinds = ["dense", "gather"] + (["kernel"] if device.type == "cpu" else ["flex"])
     per = "query block" if args.routing == "block" else "token"
     memory = "kept in the process" if kept else "returned (glibc defaults)"
-    lines = [
+    report = Report(args.out)
+    report.add(
         f"{dtype}, {device}, {torch.get_num_threads()} threads, median of {args.reps}; torch {torch.__version__}; "
         f"top-{TOP_K}, own block forced, routing per {per}; freed memory {memory}; " + machine(device),
         "",
-        "| batch x heads x head dim | sequence | block | mask | pass | "
-        + " | ".join(f"{kind} ms" for kind in kinds)
-        + " | MoBA vs dense |"
-        + (" per token vs dense |" if TOKEN_GATHER in kinds else ""),
-        "|---" * (6 + len(kinds) + (TOKEN_GATHER in kinds)) + "|",
-    ]
-    print("\n".join(lines), flush=True)
+    )
+    report.table(
+        ["batch x heads x head dim", "sequence", "block", "mask", "pass"]
+        + [f"{kind} ms" for kind in kinds]
+        + ["MoBA vs dense"]
+        + (["per token vs dense"] if TOKEN_GATHER in kinds else [])
+    )
     cases = [
         (1, HEADS, HEAD_DIM, int(n), BLOCK, causal, False)
         for n in args.lengths.split(",")
@@ -197,23 +186,22 @@ def main() -> None:
             if TOKEN_GATHER in kinds:
                 token = statistics.median(d / m for d, m in zip(samples["dense"], samples[TOKEN_GATHER]))
                 ratios += f" | {token:.2f}x"
-            row = (
-                f"| {batch} x {heads} x {dim} | {n} | {block} | {'causal' if causal else 'non-causal'} | "
-                f"{'fwd+bwd' if backward else 'fwd'} | {times} | {ratios} |"
+            report.row(
+                f"{batch} x {heads} x {dim}",
+                n,
+                block,
+                "causal" if causal else "non-causal",
+                "fwd+bwd" if backward else "fwd",
+                times,
+                ratios,
             )
-            lines.append(row)
-            print(row, flush=True)
     if args.profile:
         n = max(int(length) for length in args.lengths.split(","))
-        lines += ["", f"`gather` piece by piece (ms per call; block {BLOCK}, top-{TOP_K}):", ""]
-        print("\n".join(lines[-3:]), flush=True)
+        report.add("", f"`gather` piece by piece (ms per call; block {BLOCK}, top-{TOP_K}):", "")
         for causal in (False, True):
             for backward in (False, True):
-                lines += profile_pieces(n, causal, backward, args.reps)
-                print(lines[-1], flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+                report.add(*profile_pieces(n, causal, backward, args.reps))
+    report.save()
 
 
 if __name__ == "__main__":

@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 import torch
+from common import Report, machine
 
 from neuroplast.data import load_dataset
-from neuroplast.experiments.report import machine
 from neuroplast.federated import FederatedConfig, Federation, federate
 from neuroplast.federated.loop import PerDeviceLoop
 
@@ -64,23 +64,22 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     data = load_dataset("fashion-mnist")
     base = dict(dataset="fashion-mnist", devices=100, components=2, topology="ring", algorithm="s2s", sampled=20)
-    lines = [
+    report = Report(args.out)
+    report.add(
         f"100 devices in 2 components (ring), S2S with K = 20 and H = 1, batch 128, {args.threads} threads; "
         f"{machine()}",
         "",
-        "| model | parameters | per-device loop (s/round) | simulator (s/round) | speed-up | goal |",
-        "|---|---|---|---|---|---|",
-    ]
+    )
+    report.table(["model", "parameters", "per-device loop (s/round)", "simulator (s/round)", "speed-up", "goal"])
     for model, rounds, goal in (("linear", args.rounds, 20), ("cnn", args.cnn_rounds, 3)):
         config = FederatedConfig(**base, model=model, period=1).validate()
         simulator = seconds_per_round(Federation(config, data), rounds)
         loop = seconds_per_round(PerDeviceLoop(config, data), rounds)
         parameters = Federation(config, data).parameters
         met = "met" if loop / simulator >= goal else "not met"
-        lines.append(
-            f"| {model} | {parameters:,} | {loop:.3f} | {simulator:.3f} | {loop / simulator:.1f}x | ≥ {goal}x: {met} |"
+        report.row(
+            model, f"{parameters:,}", f"{loop:.3f}", f"{simulator:.3f}", f"{loop / simulator:.1f}x", f"≥ {goal}x: {met}"
         )
-        print(lines[-1], flush=True)
 
     config = FederatedConfig(**base, model="linear", period=5, rounds=args.engine_rounds).validate()
     with tempfile.TemporaryDirectory() as tmp:
@@ -89,7 +88,7 @@ def main() -> None:
     sim_round = simulated["seconds"] / config.rounds
     engine_round = engine["seconds"] / config.rounds
     sent = engine["bytes_sent_per_process"]
-    lines += [
+    report.add(
         "",
         f"Linear model, S2S with K = 20 and H = 5, {config.rounds} rounds (one evaluation, at the end): the "
         f"simulator with {args.threads} threads against torchrun with {args.processes} gloo processes "
@@ -104,11 +103,8 @@ def main() -> None:
         "",
         f"Logical traffic of the algorithm per round (either engine): D2D {simulated['final']['bytes_d2d'] / config.rounds / 1e6:.2f} MB, "
         f"D2S {simulated['final']['bytes_d2s'] / config.rounds / 1e6:.3f} MB.",
-    ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    )
+    report.save()
 
 
 if __name__ == "__main__":

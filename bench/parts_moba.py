@@ -18,8 +18,8 @@ import statistics
 import time
 
 import torch
+from common import Report, machine
 
-from neuroplast.experiments.report import machine
 from neuroplast.models import build_model
 from neuroplast.train import RunConfig
 from neuroplast.train.trainer import train
@@ -54,18 +54,16 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dense, moba = (step_seconds(a, args.batch, args.repeats) for a in ("dense", "moba"))
-    lines = [
-        f"Part-query encoder, 784 pixel tokens (28x28), batch {args.batch}, {args.threads} threads; {machine()}",
-        "",
-        "| attention | s / training step | speed-up |",
-        "|---|---|---|",
-        f"| dense | {dense:.3f} | 1.00x |",
-        f"| MoBA (16-token tiles, top 3) | {moba:.3f} | {dense / moba:.2f}x |",
-    ]
+    report = Report(args.out)
+    report.add(
+        f"Part-query encoder, 784 pixel tokens (28x28), batch {args.batch}, {args.threads} threads; {machine()}", ""
+    )
+    report.table(["attention", "s / training step", "speed-up"])
+    report.row("dense", f"{dense:.3f}", "1.00x")
+    report.row("MoBA (16-token tiles, top 3)", f"{moba:.3f}", f"{dense / moba:.2f}x")
     if args.train:
-        lines += ["", f"Trained on {args.train} shapes for {args.epochs} epochs:", ""]
-        lines += ["| seed | dense acc. (%) | MoBA acc. (%) | MoBA − dense (pp) | dense s/epoch | MoBA s/epoch |"]
-        lines += ["|---|---|---|---|---|---|"]
+        report.add("", f"Trained on {args.train} shapes for {args.epochs} epochs:", "")
+        report.table(["seed", "dense acc. (%)", "MoBA acc. (%)", "MoBA − dense (pp)", "dense s/epoch", "MoBA s/epoch"])
         for seed in (int(s) for s in args.seeds.split(",")):
             results = {}
             for name, model in (("dense", "parts"), ("moba", "moba-parts")):
@@ -89,12 +87,8 @@ def main() -> None:
                 summary = train(config, progress=False, log=None)
                 results[name] = (summary["final_test_accuracy"], summary["seconds"] / args.epochs)
             (da, ds), (ma, ms) = results["dense"], results["moba"]
-            lines.append(f"| {seed} | {100 * da:.2f} | {100 * ma:.2f} | {100 * (ma - da):+.2f} | {ds:.0f} | {ms:.0f} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+            report.row(seed, f"{100 * da:.2f}", f"{100 * ma:.2f}", f"{100 * (ma - da):+.2f}", f"{ds:.0f}", f"{ms:.0f}")
+    report.save()
 
 
 if __name__ == "__main__":

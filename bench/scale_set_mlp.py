@@ -29,11 +29,11 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # read by torch at its first
 
 import torch
 import torch.nn.functional as F
+from common import Report, machine
 from torch import nn
 
 from neuroplast.data import BatchIterator, load_dataset
 from neuroplast.dst import DSTEngine, preset
-from neuroplast.experiments.report import machine
 from neuroplast.sparse import retain_freed_memory
 from neuroplast.sparse.csr import CSRLinear
 from neuroplast.sparse.topology import Topology
@@ -61,6 +61,7 @@ def main() -> None:
         default="float32",
         help="activation precision (bfloat16: under torch.autocast; weights stay float32)",
     )
+    parser.add_argument("--out", help="also write the table (markdown) to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(0)
@@ -127,18 +128,27 @@ def main() -> None:
         )
     accuracy = correct / len(data.y_test)
     print(f"peak memory: {epoch_peak:.2f} GiB after the epoch, {peak_rss_gib():.2f} GiB at the end")
-    print(
-        "\n| activations | hidden neurons | weights | epoch (min) | SET update (s) | peak memory (GiB) | test accuracy |"
+    report = Report(args.out)
+    report.add("")
+    report.table(
+        ["activations", "hidden neurons", "weights", "epoch (min)", "SET update (s)", "peak memory (GiB)"]
+        + ["test accuracy"]
     )
-    print("|---|---|---|---|---|---|---|")
-    print(
-        f"| {args.precision} | {neurons:,} | {nnz_total:,} | {epoch_minutes:.1f} | {update_seconds:.1f} | {peak_rss_gib():.2f} | {100 * accuracy:.2f}% |"
+    report.row(
+        args.precision,
+        f"{neurons:,}",
+        f"{nnz_total:,}",
+        f"{epoch_minutes:.1f}",
+        f"{update_seconds:.1f}",
+        f"{peak_rss_gib():.2f}",
+        f"{100 * accuracy:.2f}%",
     )
-    print(
+    report.add(
         f"(SET update: {sum(l.dropped for l in record.layers):,} connections dropped and regrown; "
         f"{torch.get_num_threads()} threads, {len(x_train):,} training images; freed memory "
         f"{'retained' if retained else 'returned to the system'})"
     )
+    report.save()
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ import argparse
 import statistics
 
 import torch
+from common import Report, machine
 
 from neuroplast.data import load_dataset
-from neuroplast.experiments.report import machine
 from neuroplast.sparse.csr import CSRLayer
 from neuroplast.train import RunConfig
 from neuroplast.train.trainer import Run, train
@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=0.01)
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", help="also write the tables (markdown) to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data = load_dataset(args.dataset, flatten=True)
@@ -59,23 +60,27 @@ def main() -> None:
         timing = f"training time of epoch {args.epochs}"
     else:
         timing = f"median training time of epochs 2-{args.epochs}"
-    print(
-        f"\n{args.dataset}, MLP 784-1000-1000-1000-10, density {args.density} (ERK), batch 128, "
-        f"{torch.get_num_threads()} threads, {timing}; {machine()}\n"
+    report = Report(args.out)
+    report.add(
+        "",
+        f"{args.dataset}, MLP 784-1000-1000-1000-10, density {args.density} (ERK), batch 128, "
+        f"{torch.get_num_threads()} threads, {timing}; {machine()}",
+        "",
     )
-    print("| model | s/epoch | speed-up vs dense | test accuracy |\n|---|---|---|---|")
+    report.table(["model", "s/epoch", "speed-up vs dense", "test accuracy"])
     for name, seconds, accuracy in rows:
-        print(f"| {name} | {seconds:.2f} | {dense_seconds / seconds:.2f}x | {100 * accuracy:.2f}% |")
+        report.row(name, f"{seconds:.2f}", f"{dense_seconds / seconds:.2f}x", f"{100 * accuracy:.2f}%")
 
     run = Run(RunConfig(dataset=args.dataset, method="set", backend="csr", density=args.density, epochs=1), data)
-    print("\n| layer | nnz | csr bytes (values + indices + transpose) | dense bytes | ratio |\n|---|---|---|---|---|")
+    report.add("")
+    report.table(["layer", "nnz", "csr bytes (values + indices + transpose)", "dense bytes", "ratio"])
     for layer in run.topology.layers.values():
         assert isinstance(layer, CSRLayer)
         memory = layer.module.memory_bytes()
         held = memory["values"] + memory["indices"] + memory["transpose"]
-        print(
-            f"| {layer.name} | {layer.nnz} | {held:,} | {memory['dense_equivalent']:,} | {held / memory['dense_equivalent']:.3f} |"
-        )
+        dense = memory["dense_equivalent"]
+        report.row(layer.name, layer.nnz, f"{held:,}", f"{dense:,}", f"{held / dense:.3f}")
+    report.save()
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ import statistics
 import time
 
 import torch
+from common import Report, machine
 from torch import nn
 
-from neuroplast.experiments.report import machine
 from neuroplast.sparse import kernels, sparsify
 
 SHAPES = [(4096, 4096), (1000, 784)]  # (out, in)
@@ -126,17 +126,16 @@ def main() -> None:
     if kernels.backend() != "numba":
         print("numba kernels unavailable: the csr column runs on torch.sparse too")
 
-    header = "| layer (out x in) | sparsity | dense ms | masked ms | csr, torch.sparse ms | csr, numba ms | " + (
-        "sparselab ms | csr vs dense | csr vs sparselab |" if "sparselab" in kinds else "csr vs dense |"
-    )
-    lines = [
+    report = Report(args.out)
+    report.add(
         f"fwd+bwd (dx and dW), batch {BATCH}, fp32, {torch.get_num_threads()} threads, median of {args.reps}; "
         f"torch {torch.__version__}; {machine()}",
         "",
-        header,
-        "|" + "---|" * (header.count("|") - 1),
-    ]
-    print("\n".join(lines), flush=True)
+    )
+    report.table(
+        ["layer (out x in)", "sparsity", "dense ms", "masked ms", "csr, torch.sparse ms", "csr, numba ms"]
+        + (["sparselab ms", "csr vs dense", "csr vs sparselab"] if "sparselab" in kinds else ["csr vs dense"])
+    )
     for n_out, n_in in SHAPES:
         for sparsity in SPARSITIES:
             x = torch.randn(BATCH, n_in, requires_grad=True)
@@ -144,15 +143,12 @@ def main() -> None:
             check_same_results(layers, x)
             samples = time_cell(layers, x, args.reps)
             ms = {kind: statistics.median(values) for kind, values in samples.items()}
-            row = f"| {n_out} x {n_in} | {sparsity:.0%} | " + " | ".join(f"{ms[k]:.2f}" for k in kinds)
-            row += f" | {paired_ratio(samples['dense'], samples['csr']):.2f}x |"
+            ratios = [paired_ratio(samples["dense"], samples["csr"])]
             if "sparselab" in kinds:
-                row += f" {paired_ratio(samples['sparselab'], samples['csr']):.2f}x |"
-            lines.append(row)
-            print(row, flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+                ratios.append(paired_ratio(samples["sparselab"], samples["csr"]))
+            cells = [f"{ms[k]:.2f}" for k in kinds] + [f"{r:.2f}x" for r in ratios]
+            report.row(f"{n_out} x {n_in}", f"{sparsity:.0%}", *cells)
+    report.save()
 
 
 if __name__ == "__main__":

@@ -25,9 +25,9 @@ import sys
 from dataclasses import replace
 
 import torch
+from common import Report, machine
 
 from neuroplast.data import load_dataset
-from neuroplast.experiments.report import machine
 from neuroplast.train import RunConfig
 from neuroplast.train.trainer import train
 
@@ -96,15 +96,17 @@ def main() -> None:
         timing = "s/epoch = median training time of the one epoch over the seeds (it includes warm-up)"
     else:
         timing = "s/epoch = median training time of the epochs after the first, over all seeds"
-    lines = [
+    report = Report(args.out)
+    report.add(
         f"Fashion-MNIST ({len(data.y_train)} training images, 10,000 test), ViT dim 64 depth 4 heads 4, "
         f"{args.epochs} epoch{'s' * (args.epochs != 1)}, AdamW 1e-3, batch 128, {torch.get_num_threads()} threads, "
         f"seeds {args.seeds}; {timing}; {machine()}",
         "",
-        "| tokens | attention | block x top-k | test accuracy (%) | per seed | vs dense (pp) | s/epoch | MoBA speed-up |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    print("\n".join(lines), flush=True)
+    )
+    report.table(
+        ["tokens", "attention", "block x top-k", "test accuracy (%)", "per seed", "vs dense (pp)", "s/epoch"]
+        + ["MoBA speed-up"]
+    )
     for patch in [int(p) for p in args.patches.split(",")]:
         accuracies: dict[str, list[float]] = {}
         seconds: dict[str, list[float]] = {}
@@ -149,15 +151,9 @@ def main() -> None:
             else:
                 difference = f"{statistics.mean(a - d for a, d in zip(accuracy, accuracies['dense'])):+.2f}"
                 speed = f"{dense_seconds / per_epoch:.2f}x"
-            row = (
-                f"| {tokens} | {name} | {shape} | {statistics.mean(accuracy):.2f} | {per_seed} | {difference} "
-                f"| {per_epoch:.1f} | {speed} |"
-            )
-            lines.append(row)
-            print(row, flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+            mean = f"{statistics.mean(accuracy):.2f}"
+            report.row(tokens, name, shape, mean, per_seed, difference, f"{per_epoch:.1f}", speed)
+    report.save()
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def run_one(job: tuple[str, dict, int, float]) -> tuple[str, dict, list[float]]:
         _data = validation_split()
     method, knobs, epochs, density = job
     curve = []
-    config = RunConfig(dataset="fashion-mnist", method=method, backend="csr", epochs=epochs, density=density, **knobs)
+    config = RunConfig(dataset="fashion-mnist", method=method, backend="csr", epochs=epochs, density=density, dst=knobs)
     train(config, progress=False, log=None, dataset=_data, on_epoch_end=lambda r: curve.append(r["test_accuracy"]))
     return method, knobs, curve
 

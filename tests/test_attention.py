@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -10,7 +11,16 @@ import torch.nn.functional as F
 
 import neuroplast.attention.gather as gather
 import neuroplast.attention.moba as moba_impl
-from neuroplast.attention import MoBAttention, flex, inverse_order, kernels, key_convolution, moba_attention, tile_order
+from neuroplast.attention import (
+    MoBAOptions,
+    MoBAttention,
+    flex,
+    inverse_order,
+    kernels,
+    key_convolution,
+    moba_attention,
+    tile_order,
+)
 
 # the implementations held to the reference; "gather-grouped-own" is gather as it runs off the
 # CPU, with the own blocks in the groups instead of PyTorch's fused CPU attention kernel
@@ -143,7 +153,8 @@ def test_packed_layout_equals_head_views(implementation, causal, conv, monkeypat
     implementation = use(implementation, monkeypatch)
     q, kv = rand(2, 37, 4, 8, seed=40), rand(2, 37, 2, 2, 8, seed=41)
     weight = rand(2, 8, conv, seed=42) if conv else None
-    packed = moba_impl.moba_attention_packed(q, kv, 8, 3, causal=causal, key_conv=weight, implementation=implementation)
+    options = MoBAOptions(8, 3, causal=causal, implementation=implementation)
+    packed = moba_impl.moba_attention_packed(q, kv, options, key_conv=weight)
     k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
     heads = moba_attention(q.transpose(1, 2), k, v, 8, 3, causal=causal, key_conv=weight, implementation=implementation)
     torch.testing.assert_close(packed, heads.transpose(1, 2))
@@ -155,7 +166,7 @@ def test_packed_layout_equals_head_views(implementation, causal, conv, monkeypat
     ):
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match=r"must be \(B, N, H, D\)"):
-        moba_impl.moba_attention_packed(q, kv[:, :, 0], 8, 3)
+        moba_impl.moba_attention_packed(q, kv[:, :, 0], MoBAOptions(8, 3))
 
 
 def test_causal_routing_never_looks_ahead():
@@ -478,7 +489,7 @@ def test_auto_takes_flex_on_cuda_and_a_moba_layer_trains_there_as_on_cpu():
     gives the same output and parameter gradients on CUDA as the reference on CPU."""
     skip_without_flex()
     pytest.importorskip("triton")
-    assert moba_impl._resolve("auto", torch.zeros(1, 1, 8, 4, device="cuda"), 8) == "flex"
+    assert moba_impl._resolve(MoBAOptions(8, 3), torch.zeros(1, 1, 8, 4, device="cuda")) == "flex"
     torch.manual_seed(0)
     cpu = MoBAttention(32, 2, block_size=16, top_k=3, grid=(28, 28), tile=(4, 4), implementation="reference")
     gpu = MoBAttention(32, 2, block_size=16, top_k=3, grid=(28, 28), tile=(4, 4)).cuda()
@@ -635,7 +646,8 @@ def test_block_routing_shares_each_blocks_choice_and_auto_takes_tiles(monkeypatc
 def test_no_tokens_give_no_output(routing):
     q = torch.zeros(1, 2, 0, 8)
     assert moba_attention(q, q, q, 8, 2, causal=False, routing=routing).shape == q.shape
-    packed = moba_impl.moba_attention_packed(torch.zeros(1, 0, 2, 8), torch.zeros(1, 0, 2, 2, 8), 8, 2, causal=False)
+    options = MoBAOptions(8, 2, causal=False, routing=routing)
+    packed = moba_impl.moba_attention_packed(torch.zeros(1, 0, 2, 8), torch.zeros(1, 0, 2, 2, 8), options)
     assert packed.shape == (1, 0, 2, 8)
 
 
@@ -661,7 +673,7 @@ def test_module_with_block_routing_computes_tiles_and_refuses_causal():
         patch.setattr(moba_impl.tiles, "attention", lambda *a: taken.append("tiles") or real(*a))
         out = layer(x)
     assert taken == ["tiles"] and "routing=block" in repr(layer)
-    layer.implementation = "reference"
+    layer.options = dataclasses.replace(layer.options, implementation="reference")
     torch.testing.assert_close(out, layer(x))
     with pytest.raises(ValueError, match="routing 'block' needs causal=False"):
         MoBAttention(16, 2, block_size=4, top_k=2, causal=True, routing="block")

@@ -96,7 +96,7 @@ def test_help_reads_well(capsys):
     assert flat.count("1000,1000,1000") == 1  # each default said once
 
 
-def test_compare_writes_table_and_figure_and_skips_finished_cells(capsys, tmp_path):
+def test_compare_is_a_study_of_one_density(capsys, tmp_path):
     argv = [
         "compare",
         "--dataset",
@@ -113,21 +113,39 @@ def test_compare_writes_table_and_figure_and_skips_finished_cells(capsys, tmp_pa
         "0.2",
         "--out",
         str(tmp_path),
+        "--workers",
+        "1",
         "--quiet",
     ]
     code, out, err = run(capsys, *argv)
     assert code == 0, err
     table = (tmp_path / "results.md").read_text()
-    assert "| dense | 1.000 | 2 |" in table and "| set | 0.200 | 2 |" in table
+    assert "| 80% | dense | 2 |" in table and "| 80% | set | 2 |" in table and "epochs to dense" in table
     assert (tmp_path / "learning_curves.png").stat().st_size > 1000
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("*/*/*/summary.json")) == [
+        f"{method}/d0.2/seed{seed}/summary.json" for method in ("dense", "set") for seed in (0, 1)
+    ]
     code, out, err = run(capsys, *argv)
     assert code == 0 and "4 of 4 cells already finished" in out
-    changed = [a if a != "0.2" else "0.5" for a in argv]
-    code, out, err = run(capsys, *changed)  # a changed config is not a finished cell: refused, nothing lost
-    assert code == 2 and "different configuration (changed: density)" in err
-    assert "| set | 0.200 | 2 |" in (tmp_path / "results.md").read_text()
-    code, _, err = run(capsys, "compare", "--methods", "set,nope", "--out", str(tmp_path / "x"))
-    assert code == 2 and "unknown method 'nope'" in err
+    code, out, err = run(capsys, *argv, "--lr", "0.2")  # a changed config is not a finished cell: refused
+    assert code == 2 and "different configuration (changed: lr)" in err
+    assert "| 80% | set | 2 |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (["--methods", "set,nope"], "unknown method 'nope' in compare methods; choose from: dense, static, set"),
+        (["--methods", "set,set"], "compare methods lists 'set' more than once"),
+        (["--methods", ","], "compare methods is empty"),
+        (["--seeds", "0,0"], "compare seeds lists 0 more than once"),
+        (["--workers", "0"], "workers 0 must be a positive integer"),
+    ],
+)
+def test_bad_compare_grids(capsys, tmp_path, argv, expected):
+    code, _, err = run(capsys, "compare", "--out", str(tmp_path / "x"), *argv)
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
 
 
 def test_demo_falls_back_to_digits(capsys, tmp_path, monkeypatch):
@@ -135,9 +153,11 @@ def test_demo_falls_back_to_digits(capsys, tmp_path, monkeypatch):
     code, out, err = run(capsys, "demo", "--out", str(tmp_path), "--epochs", "3", "--quiet")
     assert code == 0, err
     assert "training on scikit-learn's 8x8 digits" in out
-    for method in ("dense", "static", "set", "rigl"):
-        assert method in out
+    for method in ("dense", "static", "set", "rigl", "dast"):
+        assert f"{method}/d0.05/seed0" in out
     assert (tmp_path / "digits" / "learning_curves.png").is_file()
+    assert "| 95% | dast | 1 |" in (tmp_path / "digits" / "results.md").read_text()
+    assert "docs/dst.md" in out.strip().splitlines()[-1] and "README.md" in out.strip().splitlines()[-1]
 
 
 def test_import_leaves_the_process_environment_alone():
@@ -150,3 +170,36 @@ def test_import_leaves_the_process_environment_alone():
     )
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+TRAIN_SMALL = ["--dataset", "digits", "--epochs", "2", "--hidden", "16", "--method", "set", "--density", "0.3"]
+
+
+def test_log_tensorboard_writes_the_metrics_as_scalars(capsys, tmp_path):
+    pytest.importorskip("tensorboard", reason='the tensorboard extra is not installed: pip install -e ".[tensorboard]"')
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    code, _, err = run(capsys, "train", *TRAIN_SMALL, "--out", str(tmp_path), "--log", "tensorboard", "--quiet")
+    assert code == 0, err
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    for key in ("train_loss", "test_accuracy", "density", "r_s", "lr"):
+        scalars = events.Scalars(key)
+        assert [s.step for s in scalars] == [1, 2]
+        assert [s.value for s in scalars] == pytest.approx([r[key] for r in records])
+    layers = [layer["name"] for layer in records[-1]["layers"]]
+    assert layers and all(f"layer_density/{name}" in tags for name in layers)
+    final = events.Scalars(f"layer_density/{layers[0]}")[-1].value
+    assert final == pytest.approx(records[-1]["layers"][0]["density"])
+
+
+def test_log_tensorboard_without_the_extra_says_how_to_install_it(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    code, _, err = run(capsys, "train", *TRAIN_SMALL, "--out", str(tmp_path / "r"), "--log", "tensorboard")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert 'pip install "neuroplast[tensorboard]"' in err
+    assert not (tmp_path / "r").exists()
+    code, _, err = run(capsys, "train", *TRAIN_SMALL, "--out", str(tmp_path / "r"), "--log", "wandb")
+    assert code == 2 and "invalid choice: 'wandb'" in err and "tensorboard" in err

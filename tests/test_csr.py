@@ -287,7 +287,7 @@ def test_trainer_csr_matches_masked_and_resumes_exactly(tmp_path, method):
             epochs=4,
             batch_size=64,
             density=0.1,
-            update_every=7 if method == "rigl" else None,
+            dst={"update_every": 7} if method == "rigl" else {},
         )
 
     def metrics(folder):
@@ -507,10 +507,10 @@ def test_random_csr_layers_train_under_the_engine():
 
 
 def test_sampling_positions_without_enumerating_them(monkeypatch):
-    from neuroplast.sparse import topology as topology_module
+    from neuroplast.sparse import sampling
 
-    monkeypatch.setattr(topology_module, "ENUMERATE_UP_TO", 100)  # force the rejection sampler
-    positions = topology_module.sample_positions(10_000, 3_000, torch.Generator().manual_seed(0))
+    monkeypatch.setattr(sampling, "ENUMERATE_UP_TO", 100)  # force the rejection sampler
+    positions = sampling.sample_positions(10_000, 3_000, torch.Generator().manual_seed(0))
     assert positions.numel() == 3_000 and positions.unique().numel() == 3_000
     assert torch.all(positions.diff() > 0) and 0 <= int(positions.min()) and int(positions.max()) < 10_000
     # uniform: each tenth of the range holds about a tenth of the positions
@@ -529,3 +529,20 @@ def test_retain_freed_memory_is_a_block_that_restores_the_allocator():
             del big
     after = torch.zeros(40 * 2**20 // 4)  # and after it
     assert float(after.sum()) == 0.0
+
+
+def test_numba_is_imported_when_a_kernel_is_first_asked_for():
+    """`import neuroplast` stays cheap: numba (about 0.5 s) loads with the first kernel call or
+    the first question to the compiled backend, not with the package."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, neuroplast, neuroplast.attention, neuroplast.models\n"
+        "assert 'numba' not in sys.modules, 'numba imported with the package'\n"
+        "from neuroplast.compiled import backend\n"
+        "backend()\n"
+        "assert 'numba' in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from neuroplast.data import BatchIterator, DataError, load_dataset, parse_idx, read_cifar10_tarball, sources
+from neuroplast.data import BatchIterator, DataError, datasets, load_dataset, parse_idx, read_cifar10_tarball, sources
+from neuroplast.data import cache as cache_module
+from neuroplast.data.cache import CACHE_NAME
 from neuroplast.data.datasets import is_available_offline, load_idx_folder
-from neuroplast.data.sources import MNIST, RemoteFile, Source, fetch
+from neuroplast.data.sources import FASHION_MNIST, MNIST, RemoteFile, Source, fetch
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -195,3 +197,86 @@ def test_real_fashion_mnist_verifies_and_loads():
     assert data.x_train.shape == (60000, 784) and data.x_test.shape == (10000, 784)
     assert torch.bincount(data.y_train).tolist() == [6000] * 10
     assert torch.bincount(data.y_test).tolist() == [1000] * 10
+
+
+def toy_fashion_mnist(root: Path, seed: int = 0) -> tuple[Source, tuple[np.ndarray, ...]]:
+    """Small IDX gz files in `root/fashion-mnist` and a Source whose checksums are theirs."""
+    arrays = write_idx_folder(root / "fashion-mnist", seed=seed)
+    files = tuple(
+        RemoteFile(f.name, hashlib.sha256((root / "fashion-mnist" / f.name).read_bytes()).hexdigest())
+        for f in FASHION_MNIST.files
+    )
+    return Source("fashion-mnist", FASHION_MNIST.base_urls, files), arrays
+
+
+@pytest.fixture
+def toy_source(tmp_path, monkeypatch):
+    """Fashion-MNIST replaced by small files written here; counts the decodes of the source."""
+    monkeypatch.setenv("NEUROPLAST_DATA", str(tmp_path))
+    source, arrays = toy_fashion_mnist(tmp_path)
+    monkeypatch.setattr(datasets, "FASHION_MNIST", source)
+    decodes = []
+    decode = datasets.load_idx_folder
+
+    def counting(folder, source, check=True):
+        decodes.append(folder)
+        return decode(folder, source, check)
+
+    monkeypatch.setattr(datasets, "load_idx_folder", counting)
+    return tmp_path, arrays, decodes
+
+
+def load_toy() -> datasets.Dataset:
+    return load_dataset("fashion-mnist", download=False, progress=False)
+
+
+def test_second_load_reads_the_cache(toy_source):
+    root, arrays, decodes = toy_source
+    first = load_toy()
+    assert len(decodes) == 1 and (root / "fashion-mnist" / CACHE_NAME).is_file()
+    second = load_toy()
+    assert len(decodes) == 1  # neither checksummed nor decoded again
+    for name in ("x_train", "y_train", "x_test", "y_test"):
+        assert torch.equal(getattr(first, name), getattr(second, name))
+    assert torch.equal(second.y_train, torch.as_tensor(arrays[1], dtype=torch.int64))
+
+
+@pytest.mark.parametrize("damage", ["flip a byte", "truncate", "not a zip"])
+def test_a_corrupt_cache_is_rebuilt(toy_source, damage):
+    root, _, decodes = toy_source
+    first = load_toy()
+    cache = root / "fashion-mnist" / CACHE_NAME
+    data = bytearray(cache.read_bytes())
+    if damage == "flip a byte":
+        data[len(data) // 2] ^= 0xFF  # inside x_train: only the member's CRC-32 can tell
+    elif damage == "truncate":
+        del data[len(data) // 2 :]
+    else:
+        data = bytearray(b"not a cache")
+    cache.write_bytes(bytes(data))
+    second = load_toy()
+    assert len(decodes) == 2 and torch.equal(first.x_train, second.x_train)
+    load_toy()
+    assert len(decodes) == 2  # the rebuilt cache is used
+
+
+def test_a_stale_cache_is_rebuilt_from_the_verified_source(toy_source, monkeypatch):
+    root, _, decodes = toy_source
+    load_toy()
+    source, arrays = toy_fashion_mnist(root, seed=1)  # new files (new sizes or mtimes, new checksums)
+    monkeypatch.setattr(datasets, "FASHION_MNIST", source)
+    changed = load_toy()
+    assert len(decodes) == 2
+    assert torch.equal(changed.y_test, torch.as_tensor(arrays[3], dtype=torch.int64))
+    victim = root / "fashion-mnist" / source.files[0].name
+    victim.write_bytes(gzip.compress(idx_bytes(np.zeros((12, 28, 28), np.uint8))))  # not the verified file
+    with pytest.raises(DataError, match="does not match the official train-images-idx3-ubyte.gz"):
+        load_toy()
+
+
+def test_cache_skips_a_folder_it_cannot_write(toy_source, monkeypatch):
+    _, _, decodes = toy_source
+    monkeypatch.setattr(cache_module.tempfile, "mkstemp", lambda **kwargs: (_ for _ in ()).throw(PermissionError()))
+    load_toy()
+    load_toy()
+    assert len(decodes) == 2  # no cache, no error

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import tomllib
 
 import pytest
 import torch
@@ -10,11 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from neuroplast.dst import DSTEngine, LayerSignals, Schedule, preset
-from neuroplast.dst.criteria import drop_by_magnitude, drop_by_signed_magnitude, grow_by_gradient, grow_random
+from neuroplast.cli import build_parser, config_from_args
+from neuroplast.dst import DSTEngine, GradientGrow, LayerSignals, RandomGrow, Schedule, knob_fields, preset
+from neuroplast.dst.criteria import drop_by_magnitude, drop_by_signed_magnitude
 from neuroplast.models import MLP
 from neuroplast.sparse import sparsify
 from neuroplast.sparse.layer import Candidates
+from neuroplast.train import ConfigError, RunConfig
 
 
 def gen(seed=0):
@@ -81,7 +84,7 @@ def test_random_growth_only_picks_empty_positions_uniformly():
     candidates[::2] = True
     counts = torch.zeros(100)
     for seed in range(400):
-        grown = grow_random(LayerSignals(), empty_positions(candidates), 10, gen(seed))
+        grown = RandomGrow().select(LayerSignals(), empty_positions(candidates), 10, gen(seed))
         assert candidates[grown].all() and grown.unique().numel() == 10
         counts[grown] += 1
     # every one of the 50 candidates is chosen about 400 * 10 / 50 = 80 times
@@ -94,7 +97,7 @@ def test_rigl_grows_where_dense_gradient_is_largest_among_empty_positions():
     g = gen(5)
     grad = torch.randn(30, 30, generator=g)
     candidates = torch.rand(30, 30, generator=g) < 0.5
-    grown = grow_by_gradient(gradient_signals(grad), empty_positions(candidates), 17, gen())
+    grown = GradientGrow().select(gradient_signals(grad), empty_positions(candidates), 17, gen())
     scores = grad.abs().view(-1).clone()
     scores[~candidates.view(-1)] = -1
     assert set(grown.tolist()) == set(torch.topk(scores, 17).indices.tolist())
@@ -104,14 +107,14 @@ def test_gradient_growth_in_chunks_equals_growth_in_one_piece():
     grad = torch.randn(40, 25, generator=gen(2))
     grad[grad.abs() < 0.5] = 0.0  # many exact ties at zero: tie-breaking must not depend on chunking
     candidates = torch.rand(40, 25, generator=gen(3)) < 0.7
-    whole = grow_by_gradient(gradient_signals(grad), empty_positions(candidates), 400, gen(4))
+    whole = GradientGrow().select(gradient_signals(grad), empty_positions(candidates), 400, gen(4))
     for chunk in (1, 7, 25, 333):
-        pieces = grow_by_gradient(gradient_signals(grad, chunk), empty_positions(candidates), 400, gen(4))
+        pieces = GradientGrow().select(gradient_signals(grad, chunk), empty_positions(candidates), 400, gen(4))
         assert torch.equal(pieces.sort().values, whole.sort().values)
 
 
 def test_rigl_drop_fraction_follows_the_cosine():
-    schedule = preset("rigl").schedule(total_steps=10_000, steps_per_epoch=100)
+    schedule = preset("rigl").schedule.at(total_steps=10_000, steps_per_epoch=100)
     assert schedule.end == 7500 and schedule.every == 100
     for t in (100, 1000, 3750, 7400):
         assert schedule.fraction_at(t) == pytest.approx(0.15 * (1 + math.cos(math.pi * t / 7500)))
@@ -121,7 +124,7 @@ def test_rigl_drop_fraction_follows_the_cosine():
 
 
 def test_set_updates_after_every_epoch_but_the_last():
-    schedule = preset("set").schedule(total_steps=5 * 30, steps_per_epoch=30)
+    schedule = preset("set").schedule.at(total_steps=5 * 30, steps_per_epoch=30)
     assert [t for t in range(151) if schedule.is_update_step(t)] == [30, 60, 90, 120]
     assert schedule.fraction_at(60) == 0.3
 
@@ -216,7 +219,7 @@ def test_set_regrowth_of_a_just_dropped_position_is_a_new_connection():
     with torch.no_grad():
         layer.weight.copy_(torch.randn(10, 10, generator=gen(1)) * layer.weight_mask)
     nnz = int(layer.weight_mask.sum())
-    engine = DSTEngine(topology, preset("set", fraction=1.0, update_every=1), total_steps=10, steps_per_epoch=1)
+    engine = DSTEngine(topology, preset("set", drop_fraction=1.0, update_every=1), total_steps=10, steps_per_epoch=1)
     record = engine.update().layers[0]
     assert record.dropped == record.grown == nnz  # zeta = 1 drops every live weight
     assert int(layer.weight_mask.sum()) == nnz
@@ -258,7 +261,7 @@ def test_nnz_is_invariant_over_many_random_updates(density, fraction, method, wi
     nnz = {n: int(l.weight_mask.sum()) for n, l in topology.layers.items()}
     engine = DSTEngine(
         topology,
-        preset(method, fraction=fraction, update_every=1, end_fraction=1.0),
+        preset(method, drop_fraction=fraction, update_every=1, end_fraction=1.0),
         total_steps=10_000,
         steps_per_epoch=1,
         seed=seed,
@@ -298,3 +301,38 @@ def test_r_s_counts_positions_ever_active():
     size = sum(l.weight_mask.numel() for l in topology.layers.values())
     assert topology.r_s() == ever / size > topology.density()
     assert engine.history[-1].layers[0].r_s == topology.layers["features.0"].r_s()
+
+
+# -- parts own their knobs ---------------------------------------------------------------------
+def test_every_knob_is_a_flag_and_a_dst_key_with_its_parts_help(tmp_path):
+    train_help = " ".join(build_parser()._subparsers._group_actions[0].choices["train"].format_help().split())
+    for name, f in knob_fields().items():
+        assert f"--{name.replace('_', '-')}" in train_help and " ".join(f.metadata["help"].split()) in train_help
+    args = build_parser().parse_args(["train", "--out", str(tmp_path), "--method", "mest", "--drop-lambda", "0.5"])
+    config = config_from_args(args)
+    assert config.dst == {"drop_lambda": 0.5}
+    assert preset(config.method, **config.dst).drop.drop_lambda == 0.5
+
+
+def test_knobs_go_to_the_parts_that_have_them():
+    dast = preset("dast", drop_fraction=0.2, tau_start=2.0, drop_lambda=0.3)  # drop_lambda: MEST's, ignored
+    assert dast.schedule.drop_fraction == 0.2 and dast.grow.tau_start == 2.0
+    assert preset("dast", tau_start=None).grow.tau_start == preset("dast").grow.tau_start  # None keeps
+    assert preset("snfs").drop.rounding == "ceil" and preset("rigl").grow.regrown_is_kept
+    assert preset("wast").needs == {"importance": {"lam": 0.4, "decay": 1.0}}
+    assert preset("rigl").needs == {"dense_grad": {}} and preset("static").needs == {}
+
+
+def test_run_config_keeps_dst_knobs_in_one_table_and_reads_the_flat_layout():
+    config = RunConfig.from_dict({"method": "wast", "update_every": 100, "dst": {"importance_decay": 0.9}}).validate()
+    assert config.dst == {"importance_decay": 0.9, "update_every": 100}  # flat keys: configs saved before [dst]
+    text = config.to_toml()
+    assert "[dst]" in text and RunConfig.from_dict(tomllib.loads(text)).validate() == config
+    assert not config.changed_from({"method": "wast", "update_every": 100, "importance_decay": 0.9})
+    assert config.changed_from({"method": "wast", "update_every": 10, "importance_decay": 0.9}) == ["dst"]
+    with pytest.raises(ConfigError, match="unknown dst setting 'temperature'; choose from: update_every, "):
+        RunConfig(dst={"temperature": 1.0}).validate()
+    with pytest.raises(ConfigError, match="drop_fraction 2.0 must be in"):
+        RunConfig(dst={"drop_fraction": 2.0}).validate()
+    with pytest.raises(ConfigError, match="update_every 'often' must be of type int"):
+        RunConfig(dst={"update_every": "often"}).validate()

@@ -36,7 +36,7 @@ def one_hot_masks(labels: torch.Tensor, channels: int) -> torch.Tensor:
 def test_outputs_and_masks_sum_to_one_at_every_pixel(options):
     torch.manual_seed(0)
     model = tiny(joints=2, **options)
-    assert model.blocks[0].attention.full == (model.order is None)  # MoBA runs in tile order
+    assert model.blocks[0].attention.full == (model.tiles is None)  # MoBA runs in tile order
     out = model.parts(torch.randn(2, 1, 16, 16))
     tokens = (16 // model.patch_size) ** 2
     assert out.logits.shape == (2, 3) and out.masks.shape == (2, 4, 16, 16) and out.descriptors.shape == (2, 4, 6)

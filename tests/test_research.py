@@ -8,15 +8,16 @@ import pytest
 import torch
 from torch import nn
 
-from neuroplast.dst import DSTEngine, LayerSignals, preset
-from neuroplast.dst.criteria import (
-    drop_by_attention,
-    drop_by_magnitude_and_gradient,
-    grow_by_score,
-    grow_by_score_sim,
-    grow_random,
-    grow_sampled,
+from neuroplast.dst import (
+    AttentionGrow,
+    DSTEngine,
+    LayerSignals,
+    RandomGrow,
+    SimilarityGrow,
+    SimilaritySimGrow,
+    preset,
 )
+from neuroplast.dst.criteria import drop_by_attention, drop_by_magnitude_and_gradient, grow_sampled
 from neuroplast.dst.signals import ActivationBuffer, NeuronImportance
 from neuroplast.models import MLP
 from neuroplast.sparse import sparsify
@@ -57,20 +58,19 @@ def batch(seed, n=16):
 def test_sampled_growth_with_tau_to_zero_is_the_deterministic_top_k():
     scores = torch.rand(400, generator=gen(1))
     live = torch.rand(400, generator=gen(2)) < 0.3
-    signals = LayerSignals(score_chunks=chunks_of(scores), params={"tau": 1e-9, "epsilon": 0.0})
-    sampled = grow_sampled(signals, empty(live), 25, gen(3))
-    top = grow_by_score(LayerSignals(score_chunks=chunks_of(scores)), empty(live), 25, gen(3))
+    sampled = grow_sampled(chunks_of(scores), empty(live), 25, gen(3), tau=1e-9, random_share=0.0)
+    top = AttentionGrow().select(LayerSignals(score_chunks=chunks_of(scores)), empty(live), 25, gen(3))
     masked = scores.clone()
     masked[live] = -1
     assert set(sampled.tolist()) == set(top.tolist()) == set(torch.topk(masked, 25).indices.tolist())
 
 
-def test_sampled_growth_with_epsilon_one_is_random_growth():
+def test_sampled_growth_with_random_share_one_is_random_growth():
     scores = torch.rand(300, generator=gen(1))
     live = torch.rand(300, generator=gen(2)) < 0.4
-    signals = LayerSignals(score_chunks=chunks_of(scores), params={"tau": 0.5, "epsilon": 1.0})
     assert torch.equal(
-        grow_sampled(signals, empty(live), 30, gen(7)), grow_random(LayerSignals(), empty(live), 30, gen(7))
+        grow_sampled(chunks_of(scores), empty(live), 30, gen(7), tau=0.5, random_share=1.0),
+        RandomGrow().select(LayerSignals(), empty(live), 30, gen(7)),
     )
 
 
@@ -79,30 +79,27 @@ def test_sampled_growth_draws_in_proportion_to_score_power():
     time; with tau = 0.5 (score^2) 9/10 of the time."""
     scores = torch.tensor([1.0, 3.0])
     for tau, expected in ((1.0, 0.75), (0.5, 0.9)):
-        signals = LayerSignals(score_chunks=chunks_of(scores), params={"tau": tau, "epsilon": 0.0})
-        hits = sum(
-            int(grow_sampled(signals, empty(torch.zeros(2, dtype=torch.bool)), 1, gen(s))[0]) for s in range(4000)
-        )
+        none_live = empty(torch.zeros(2, dtype=torch.bool))
+        hits = sum(int(grow_sampled(chunks_of(scores), none_live, 1, gen(s), tau, 0.0)[0]) for s in range(4000))
         assert hits / 4000 == pytest.approx(expected, abs=0.025)
 
 
 def test_sampled_growth_in_chunks_equals_one_piece_and_mixes_random_and_sampled():
     scores = torch.rand(1000, generator=gen(4)) ** 4
     live = torch.rand(1000, generator=gen(5)) < 0.2
-    params = {"tau": 0.7, "epsilon": 0.4}
-    whole = grow_sampled(LayerSignals(score_chunks=chunks_of(scores), params=params), empty(live), 50, gen(6))
-    chunked = grow_sampled(LayerSignals(score_chunks=chunks_of(scores, 77), params=params), empty(live), 50, gen(6))
+    whole = grow_sampled(chunks_of(scores), empty(live), 50, gen(6), tau=0.7, random_share=0.4)
+    chunked = grow_sampled(chunks_of(scores, 77), empty(live), 50, gen(6), tau=0.7, random_share=0.4)
     assert torch.equal(whole.sort().values, chunked.sort().values)
     assert whole.numel() == whole.unique().numel() == 50 and not bool(live[whole].any())
     # the first round(0.4 * 50) = 20 are SET's random growth from the same generator
-    assert torch.equal(whole[:20], grow_random(LayerSignals(), empty(live), 20, gen(6)))
+    assert torch.equal(whole[:20], RandomGrow().select(LayerSignals(), empty(live), 20, gen(6)))
 
 
 # -- WAST: importance, drop, grow ----------------------------------------------------------------
 def test_wast_importance_follows_its_formula():
-    """I <- decay I + lam e/mean(e) + (1-lam) s/mean(s), e = mean |a dL/da| over the batch
-    (gradient x activation), s = sum of |w| over each neuron's live weights; for input and
-    output neurons."""
+    """I <- decay I + lam e/mean(e) + (1-lam) s/mean(s), e = mean |(a - E[a]) dL/da| over the
+    batch (centred gradient x activation, E[a] the batch mean), s = sum of |w| over each
+    neuron's live weights; for input and output neurons."""
     lam, decay = 0.3, 0.8
     model, topology = make_sparse()
     importance = NeuronImportance(topology.layers, lam=lam, decay=decay)
@@ -120,7 +117,8 @@ def test_wast_importance_follows_its_formula():
         out = model.classifier(model.features[1:](pre)) if hasattr(model, "classifier") else None
         assert out is not None
         nn.functional.cross_entropy(out, y).backward()
-        e_src, e_dst = (x * x_leaf.grad).abs().mean(0), (pre * pre.grad).detach().abs().mean(0)
+        e_src = ((x - x.mean(0)) * x_leaf.grad).abs().mean(0)
+        e_dst = ((pre - pre.mean(0)) * pre.grad).detach().abs().mean(0)
         w = (layer.weight * layer.weight_mask).detach().abs()
         s_src, s_dst = w.sum(0), w.sum(1)
         expected_src = decay * expected_src + lam * e_src / e_src.mean() + (1 - lam) * s_src / s_src.mean()
@@ -135,7 +133,7 @@ def test_wast_drop_is_the_sign_split_on_weight_times_importance():
     values = torch.tensor([0.5, 0.2, -0.3, -0.1, 0.4, -0.6])
     src_importance = torch.tensor([0.1, 5.0, 1.0, 10.0, 1.0, 0.1])
     # z = w * I: 0.05, 1.0, -0.3, -1.0, 0.4, -0.06; fraction 0.5: 1 of 3 positives, 1 of 3 negatives
-    dropped = drop_by_attention(values, 0.5, gen(), LayerSignals(src_importance=src_importance))
+    dropped = drop_by_attention(values, 0.5, gen(), src_importance)
     assert sorted(dropped.tolist()) == [0, 5]
 
 
@@ -146,7 +144,7 @@ def test_wast_grows_where_importance_of_source_times_destination_is_largest():
     importance.src[name] = torch.arange(8, dtype=torch.float) + 1
     importance.dst[name] = torch.arange(12, dtype=torch.float) + 1
     live = topology.layers[name].weight_mask.view(-1)
-    grown = grow_by_score(LayerSignals(score_chunks=importance.score_chunks(name)), empty(live), 10, gen())
+    grown = AttentionGrow().select(LayerSignals(score_chunks=importance.score_chunks(name)), empty(live), 10, gen())
     scores = torch.outer(importance.dst[name], importance.src[name]).view(-1).clone()
     scores[live] = -1
     assert set(grown.tolist()) == set(torch.topk(scores, 10).indices.tolist())
@@ -167,7 +165,7 @@ def test_ctre_grows_between_the_most_co_active_neurons():
     flat, scores = next(buffer.score_chunks(name)())
     torch.testing.assert_close(scores.view(12, 8), cos.abs())
     live = layer.weight_mask.view(-1)
-    grown = grow_by_score(LayerSignals(score_chunks=buffer.score_chunks(name)), empty(live), 5, gen())
+    grown = SimilarityGrow().select(LayerSignals(score_chunks=buffer.score_chunks(name)), empty(live), 5, gen())
     ranked = cos.abs().view(-1).clone()
     ranked[live] = -1
     assert set(grown.tolist()) == set(torch.topk(ranked, 5).indices.tolist())
@@ -199,7 +197,7 @@ def test_ctre_sim_replaces_a_reselected_dropped_connection_by_a_random_one():
     dropped = torch.tensor([7, 21])
     live[dropped] = False
     signals = LayerSignals(score_chunks=chunks_of(scores), dropped=dropped)
-    grown = grow_by_score_sim(signals, empty(live), 3, gen())
+    grown = SimilaritySimGrow().select(signals, empty(live), 3, gen())
     assert grown.numel() == 3 and {3, 11} <= set(grown.tolist())
     assert not set(grown.tolist()) & {7, 21} and not bool(live[grown].any())
 
@@ -211,8 +209,7 @@ def test_ctre_seq_switches_to_random_growth_after_the_patience():
     engine = DSTEngine(topology, preset("ctre-seq", switch_patience=2), total_steps=100, steps_per_epoch=10)
     for accuracy, switched in ((0.5, False), (0.6, False), (0.6, False), (0.55, True)):
         engine.observe_epoch(accuracy)
-        assert engine.plateau["switched"] == switched
-        assert engine.grow_criterion == ("random" if switched else "similarity")
+        assert engine.grow.switched == switched
     engine.remove()
 
 
@@ -229,15 +226,14 @@ def test_activation_similarity_refuses_conv_layers():
 def test_mest_drops_by_magnitude_plus_lambda_gradient():
     values = torch.tensor([0.1, 0.2, 0.3, 0.4])
     grads = torch.tensor([10.0, 0.0, 0.0, 0.0])
-    signals = LayerSignals(live_grad=grads, params={"lam": 0.0})
-    assert drop_by_magnitude_and_gradient(values, 0.25, gen(), signals).tolist() == [0]
-    signals.params["lam"] = 0.1  # 0.1 + 1.0 is now the largest score
-    assert drop_by_magnitude_and_gradient(values, 0.25, gen(), signals).tolist() == [1]
+    assert drop_by_magnitude_and_gradient(values, 0.25, gen(), grads, lam=0.0).tolist() == [0]
+    # 0.1 + 1.0 is now the largest score
+    assert drop_by_magnitude_and_gradient(values, 0.25, gen(), grads, lam=0.1).tolist() == [1]
 
 
 def test_mest_elastic_mutation_halves_then_stops():
     algorithm = preset("mest")
-    schedule = algorithm.schedule(total_steps=160, steps_per_epoch=1)
+    schedule = algorithm.schedule.at(total_steps=160, steps_per_epoch=1)
     assert schedule.fraction_at(10) == pytest.approx(0.2)
     assert schedule.fraction_at(100) == pytest.approx(0.1)  # after 56.25% of training
     assert schedule.is_update_step(119) and not schedule.is_update_step(120)  # none after 75%
@@ -253,8 +249,8 @@ def test_snfs_redistributes_growth_by_mean_momentum_and_grows_at_largest_momentu
     nnz = {name: layer.nnz for name, layer in layers.items()}
     # layer 0 gets 3x the mean |momentum| of layer 1 and the classifier none: growth follows
     for name, level in zip(layers, (3.0, 1.0, 0.0)):
-        engine.momentum.momentum[name] = level * torch.rand(layers[name].shape, generator=gen(1))
-    momentum = {name: m.clone() for name, m in engine.momentum.momentum.items()}
+        engine.signals["momentum"].momentum[name] = level * torch.rand(layers[name].shape, generator=gen(1))
+    momentum = {name: m.clone() for name, m in engine.signals["momentum"].momentum.items()}
     masks = {name: layer.weight_mask.clone() for name, layer in layers.items()}
     record = engine.update()
     total_dropped = sum(l.dropped for l in record.layers)
@@ -286,7 +282,9 @@ def test_snfs_momentum_is_an_ema_of_the_dense_gradient_and_refuses_csr():
         grads.append(topology.layers["features.0"].dense_grad.clone())
         optimizer.step()
         engine.step()
-    torch.testing.assert_close(engine.momentum.momentum["features.0"], 0.5 * (0.5 * grads[0]) + 0.5 * grads[1])
+    torch.testing.assert_close(
+        engine.signals["momentum"].momentum["features.0"], 0.5 * (0.5 * grads[0]) + 0.5 * grads[1]
+    )
     _, csr_topology = make_sparse(backend="csr")
     with pytest.raises(ValueError, match="use backend 'masked'"):
         DSTEngine(csr_topology, preset("snfs"), total_steps=10, steps_per_epoch=5)
@@ -345,10 +343,10 @@ def test_dast_anneals_tau_and_random_share_from_exploring_to_exploiting():
     model, topology = make_sparse()
     algorithm = preset("dast", tau_start=2.0, tau_end=0.2, random_start=0.6, random_end=0.0)
     engine = DSTEngine(topology, algorithm, total_steps=400, steps_per_epoch=100)  # updates until step 300
-    start, middle, end = (engine.knobs_at(t) for t in (0, 150, 300))
-    assert start["tau"] == pytest.approx(2.0) and start["epsilon"] == pytest.approx(0.6)
-    assert middle["tau"] == pytest.approx(1.1) and middle["epsilon"] == pytest.approx(0.3)
-    assert end["tau"] == pytest.approx(0.2) and end["epsilon"] == pytest.approx(0.0, abs=1e-12)
+    start, middle, end = (engine.grow.record(engine.schedule.progress(t)) for t in (0, 150, 300))
+    assert start["tau"] == pytest.approx(2.0) and start["random_share"] == pytest.approx(0.6)
+    assert middle["tau"] == pytest.approx(1.1) and middle["random_share"] == pytest.approx(0.3)
+    assert end["tau"] == pytest.approx(0.2) and end["random_share"] == pytest.approx(0.0, abs=1e-12)
     engine.remove()
 
 
@@ -359,14 +357,16 @@ def test_bad_knobs_are_named():
         preset("dast", temperature=1.0)
 
 
-def test_an_input_that_is_always_zero_gets_no_loss_driven_importance():
-    """Like WAST's reconstruction error for a constant pixel, gradient x input is zero there."""
+def test_an_input_that_never_varies_gets_no_loss_driven_importance():
+    """Like WAST's reconstruction error for a constant pixel, centred gradient x input is zero
+    there, whether standardisation made the constant 0 or not."""
     model, topology = make_sparse()
     importance = NeuronImportance(topology.layers, lam=1.0)  # the loss-driven term alone
     x, y = batch(0)
     x[:, 3] = 0.0
+    x[:, 5] = -0.81
     nn.functional.cross_entropy(model(x), y).backward()
     importance.update()
     src = importance.src["features.0"]
-    assert src[3] == 0 and float(src.max()) > 0  # (inputs without live weights get 0 too)
+    assert src[3] == 0 and float(src[5]) <= 1e-6 * float(src.max()) and float(src.max()) > 0
     importance.remove()

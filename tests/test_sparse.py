@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from neuroplast.models import CNN, MLP
-from neuroplast.sparse import layer_counts, layer_densities, sparsify
+from neuroplast.sparse import CSRLinear, connections_per_input, layer_counts, layer_densities, sparsify
 
 MLP_SHAPES = {"l1": (1000, 784), "l2": (1000, 1000), "l3": (1000, 1000), "out": (10, 1000)}
 
@@ -158,3 +159,140 @@ def test_state_dict_roundtrips_weights_and_masks():
     other.load_state_dict(state)
     for key, value in model.state_dict().items():
         assert torch.equal(value, other.state_dict()[key]), key
+
+
+def masked_mlp(seed=1):
+    torch.manual_seed(0)
+    model = MLP(20, (32, 32), 3)
+    topology = sparsify(model, 0.2, "uniform", generator=torch.Generator().manual_seed(seed))
+    return model, topology
+
+
+def pruned_are_zero(topology) -> bool:
+    return all(bool(torch.all(layer.weight[~layer.weight_mask] == 0)) for layer in topology.layers.values())
+
+
+def test_a_dense_state_dict_loaded_into_a_masked_model_is_masked():
+    """As with torch.nn.utils.prune: pruned weights stay zero however the weight is written."""
+    model, topology = masked_mlp()
+    dense = {k: v for k, v in MLP(20, (32, 32), 3).state_dict().items()}  # no masks, every weight nonzero
+    model.load_state_dict(dense, strict=False)
+    assert pruned_are_zero(topology)  # masked right after the load, before any forward
+    state = model.state_dict()
+    assert all(torch.all(state[f"{n}.weight"][~state[f"{n}.weight_mask"]] == 0) for n in topology.layers)
+
+
+def test_a_manual_edit_and_an_ema_copy_are_masked_before_they_are_used():
+    model, topology = masked_mlp()
+    layer = topology.layers["features.0"]
+    pruned = (~layer.weight_mask).nonzero()[0].tolist()
+    x = torch.randn(4, 20)
+    expected = model(x)
+    with torch.no_grad():
+        layer.weight[tuple(pruned)] = 5.0  # a manual edit of a pruned weight
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)  # masked before the forward
+    assert pruned_are_zero(topology)
+    ema = copy.deepcopy(model)  # an EMA model: its own hooks check its own weights
+    with torch.no_grad():
+        for average, source in zip(ema.parameters(), MLP(20, (32, 32), 3).parameters()):
+            average.mul_(0.5).add_(source, alpha=0.5)
+    ema(x)
+    for name in topology.layers:
+        module = ema.get_submodule(name)
+        assert torch.all(module.weight[~module.weight_mask] == 0)
+    with torch.no_grad():
+        layer.weight.data = torch.randn_like(layer.weight)  # a new tensor behind the parameter
+    assert topology.layers["features.0"].neuron_magnitudes()[0].shape == (32,)
+    assert pruned_are_zero(topology)  # the topology's own reads mask first too
+
+
+def test_the_mask_check_leaves_training_unchanged():
+    """The check masks only weights written since the last mask: a training step is unchanged,
+    bit for bit, against masking after every step alone (the hooks removed)."""
+    results = []
+    for hooks in (True, False):
+        model, topology = masked_mlp()
+        if not hooks:
+            for layer in topology.layers.values():
+                layer.remove()
+                layer.module.weight.register_hook(layer._mask_grad)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+        topology.attach(optimizer)
+        train_steps(model, optimizer)
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def plain_state(model: nn.Module) -> bool:
+    return not any(k.endswith(("weight_mask", "weight_ever_active")) for k in model.state_dict())
+
+
+def no_hooks(model: nn.Module) -> bool:
+    return not any(
+        m._forward_pre_hooks or m._state_dict_pre_hooks or m._load_state_dict_post_hooks for m in model.modules()
+    ) and not any(p._backward_hooks for p in model.parameters())
+
+
+@pytest.mark.parametrize("model_class", ["mlp", "cnn"])
+def test_finalize_bakes_the_masks_into_a_plain_model(model_class):
+    torch.manual_seed(0)
+    model = MLP(20, (32, 32), 3) if model_class == "mlp" else CNN(3, 8, 10)
+    topology = sparsify(model, 0.2, "uniform", generator=torch.Generator().manual_seed(1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    topology.attach(optimizer)
+    x = torch.randn(4, 20) if model_class == "mlp" else torch.randn(2, 3, 8, 8)
+    expected = model(x)
+    nnz = sum(s.nnz for s in topology.stats())
+    plain = topology.finalize()
+    assert plain is model and topology.layers == {}
+    assert plain_state(plain) and no_hooks(plain)
+    torch.testing.assert_close(plain(x), expected, rtol=0, atol=0)
+    fresh = MLP(20, (32, 32), 3) if model_class == "mlp" else CNN(3, 8, 10)
+    fresh.load_state_dict(plain.state_dict())  # a plain model's state_dict, strict
+    weights = [m.weight for m in plain.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    assert sum(int((w != 0).sum()) for w in weights) <= nnz
+    optimizer.step()  # the topology let go of its optimizer hook
+    with pytest.raises(ValueError, match="unknown csr 'coo'; choose from: sparse, dense"):
+        topology.finalize(csr="coo")
+
+
+@pytest.mark.parametrize("csr", ["sparse", "dense"])
+def test_finalize_keeps_csr_layers_sparse_or_makes_them_dense(csr):
+    torch.manual_seed(0)
+    model = MLP(20, (32, 32), 3)
+    topology = sparsify(model, 0.2, "uniform", backend="csr", generator=torch.Generator().manual_seed(1))
+    x = torch.randn(4, 20)
+    expected = model(x).detach()
+    plain = topology.finalize(csr=csr)
+    kind = CSRLinear if csr == "sparse" else nn.Linear
+    assert all(isinstance(plain.get_submodule(n), kind) for n in ("features.0", "features.2", "classifier"))
+    torch.testing.assert_close(plain(x), expected, rtol=1e-5, atol=1e-6)
+    assert no_hooks(plain)
+    if csr == "dense":
+        MLP(20, (32, 32), 3).load_state_dict(plain.state_dict())
+
+
+@pytest.mark.parametrize("backend", ["masked", "csr"])
+def test_connections_per_input_of_a_model_and_of_its_state(backend):
+    torch.manual_seed(0)
+    model = MLP(20, (32, 16), 3)
+    sparsify(model, 0.3, "uniform", backend=backend, generator=torch.Generator().manual_seed(1))
+    reference = MLP(20, (32, 16), 3)
+    sparsify(reference, 0.3, "uniform", generator=torch.Generator().manual_seed(1))
+    expected = {name: m.weight_mask.sum(0) for name, m in reference.named_modules() if hasattr(m, "weight_mask")}
+    counts = connections_per_input(model)
+    assert list(counts) == ["features.0", "features.2", "classifier"]
+    assert all(torch.equal(counts[n], expected[n]) for n in counts)
+    assert list(connections_per_input(model, in_features=32)) == ["features.2"]
+    from_state = connections_per_input(model.state_dict(), in_features=20)
+    assert list(from_state) == ["features.0"] and torch.equal(from_state["features.0"], expected["features.0"])
+    if backend == "csr":  # a saved csr layer does not record its width
+        assert connections_per_input(model.state_dict()) == {}
+
+
+def test_connections_per_input_of_a_convolution_count_per_channel():
+    model = CNN(3, 8, 10)
+    sparsify(model, 0.2, "uniform", generator=torch.Generator().manual_seed(0))
+    conv = model.features[0]
+    counts = connections_per_input(model)["features.0"]
+    assert counts.shape == (3,) and int(counts.sum()) == int(conv.weight_mask.sum())

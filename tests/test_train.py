@@ -21,7 +21,7 @@ from neuroplast.train.checkpoint import find_checkpoint, load_checkpoint
 def small(method="set", **overrides) -> RunConfig:
     values = dict(dataset="digits", method=method, hidden=[64, 64], epochs=4, batch_size=64, density=0.1, lr=0.05)
     values.update(overrides)
-    return RunConfig(**values)
+    return RunConfig.from_dict(values)  # DST knobs given flat move into the [dst] table
 
 
 def metrics(folder: Path) -> list[dict]:

@@ -7,7 +7,6 @@ import copy
 import pytest
 import torch
 
-from neuroplast.attention import inverse_order
 from neuroplast.models import ViT, build_model
 from neuroplast.models.vit import square_tile
 from neuroplast.train import ConfigError, RunConfig, train
@@ -47,12 +46,12 @@ def test_tile_order_once_per_forward_equals_reordering_in_every_layer():
     once = ViT((1, 8, 8), 10, patch_size=1, dim=16, depth=3, heads=2, attention="moba", block_size=16, top_k=2)
     once.blocks[2].attention.full = True  # a dense last layer too
     per_layer = copy.deepcopy(once)
-    per_layer.order = None
+    per_layer.tiles = None
     for block in per_layer.blocks:
-        block.attention.order, block.attention.restore = once.order, inverse_order(once.order)
+        block.attention.tiles = once.tiles  # the one tile-order mechanism, used by both
     x = torch.randn(3, 1, 8, 8)
     torch.testing.assert_close(once(x), per_layer(x), atol=1e-5, rtol=1e-5)
-    ordered = once.order.view(4, 16)  # four blocks of 16 tokens
+    ordered = once.tiles.order.view(4, 16)  # four blocks of 16 tokens
     rows, cols = ordered // 8, ordered % 8
     assert ((rows.amax(1) - rows.amin(1)) == 3).all() and ((cols.amax(1) - cols.amin(1)) == 3).all()  # 4x4 tiles
 
@@ -97,7 +96,7 @@ def test_vit_with_moba_trains_from_the_config(tmp_path):
     summary = train(config, tmp_path, progress=False, log=None)
     assert summary["final_test_accuracy"] > 0.5  # 10 classes: chance is 0.1
     built = build_model("vit", (1, 8, 8), 10, vit={"attention": "moba", "patch_size": 1, "block_size": 16})
-    assert built.order is not None  # tokens in tile order
+    assert built.tiles is not None  # tokens in tile order
 
 
 def test_a_config_saved_before_a_setting_existed_reads_as_its_default():
@@ -112,7 +111,7 @@ def test_vit_with_block_routing_trains_and_its_layers_read_shared_blocks(tmp_pat
     torch.manual_seed(0)
     kwargs = dict(patch_size=1, dim=16, depth=2, heads=2, attention="moba", block_size=16)
     block = ViT((1, 8, 8), 10, top_k=4, routing="block", **kwargs)
-    assert all(b.attention.routing == "block" for b in block.blocks)
+    assert all(b.attention.options.routing == "block" for b in block.blocks)
     dense = ViT((1, 8, 8), 10, patch_size=1, dim=16, depth=2, heads=2, attention="dense")
     dense.load_state_dict(block.state_dict())
     x = torch.randn(3, 1, 8, 8)
@@ -128,6 +127,6 @@ def test_vit_with_block_routing_trains_and_its_layers_read_shared_blocks(tmp_pat
     )  # fmt: skip
     assert train(config, tmp_path, progress=False, log=None)["final_test_accuracy"] > 0.5
     built = Run(config).model  # what the trainer trains
-    assert all(layer.attention.routing == "block" for layer in built.blocks)
+    assert all(layer.attention.options.routing == "block" for layer in built.blocks)
     with pytest.raises(ConfigError, match="unknown routing 'tile'; choose from: token, block"):
         RunConfig(routing="tile").validate()

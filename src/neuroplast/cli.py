@@ -11,12 +11,12 @@ from pathlib import Path
 
 from neuroplast import __version__
 from neuroplast.data import DataError, is_available_offline
-from neuroplast.dst import METHODS
+from neuroplast.dst import METHODS, knob_fields
 from neuroplast.federated.config import FederatedConfig
 from neuroplast.train import ConfigError, RunConfig, load_toml
 from neuroplast.train.config import field_kind
 
-DEMO_METHODS = ("dense", "static", "set", "rigl")
+DEMO_METHODS = ("dense", "static", "set", "rigl", "dast")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -53,6 +53,8 @@ HELP = {
     "articulated_split": "articulated: test on in-distribution (iid) or out-of-distribution (ood) joint angles",
     "articulated_train": "articulated: training samples",
     "articulated_test": "articulated: test samples",
+    "standardize": "images: standardise with one mean/std per channel (channel) or per pixel (feature, a pixel "
+    "that never varies becomes 0); generated tabular sets are always per feature",
     "own_block": "vit with moba: always attend to the query's own block",
     "full_layers": "vit with moba: the last N layers use dense attention",
     "key_conv": "vit with moba: width of a depthwise convolution on the keys (default: off)",
@@ -68,19 +70,6 @@ HELP = {
     "dense_last": "keep the last layer dense",
     "backend": "masked (dense weight x mask, any layer) or csr (truly sparse Linear layers)",
     "precision": "float32, or bfloat16 activations (torch.autocast; weights and their optimizer state stay float32)",
-    "drop_fraction": "drop fraction (SET zeta, RigL alpha); default: the method's",
-    "update_every": "steps between topology updates; default: the method's",
-    "end_fraction": "stop topology updates after this fraction of training (RigL T_end)",
-    "drop_anneal": "drop fraction over training: constant, cosine or step; default: the method's",
-    "drop_lambda": "mest: drop by |w| + lambda |grad|; default 0 (magnitude only)",
-    "switch_patience": "ctre-seq: epochs without better training accuracy before random growth; default 40",
-    "activation_samples": "ctre: recent training samples for activation similarity; default 1024",
-    "importance_lambda": "wast/dast: weight of the gradient term vs the |w| term of neuron importance",
-    "importance_decay": "wast/dast: importance decay per batch (1 = WAST's running sum)",
-    "tau_start": "dast: growth sampling temperature at the start (0 = deterministic top-k)",
-    "tau_end": "dast: sampling temperature at the end of the updates",
-    "random_start": "dast: share of uniformly random growth at the start",
-    "random_end": "dast: share of uniformly random growth at the end of the updates",
     "lr_schedule": "cosine, step or constant (stepped per epoch)",
     "device": "cpu, cuda or auto",
 }
@@ -104,6 +93,12 @@ FEDERATE_HELP = {
     "algorithm": "s2s (server average back to the sampled), s2a (to all), fedavg (no D2D), dsgd (no server)",
     "sampled": "K: devices the server samples (uniform, without replacement)",
     "period": "H: rounds between server rounds",
+    "density": "sparse devices: live share of the sparse layers' weights on every device; only live weights go on "
+    "the wire (1: dense devices)",
+    "sparse_distribution": "sparse devices: density per layer: uniform, er or erk",
+    "masks": "sparse devices: per-device (each device rewires its own mask) or shared (only the server changes it)",
+    "dst_method": "sparse devices: the DST preset that rewires (static, set, rigl, mest)",
+    "dst_every": "sparse devices with per-device masks: rounds between a device's topology updates",
     "rounds": "communication rounds",
     "local_steps": "SGD steps per device per round",
     "batch_size": "mini-batch per device per step",
@@ -116,32 +111,56 @@ FEDERATE_HELP = {
 }
 
 
+def _add_flag(group, name: str, kind: type, help_text: str) -> None:
+    flag = "--" + name.replace("_", "-")
+    if kind is bool:
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+    elif kind is list:
+        group.add_argument(flag, type=_int_list, default=None, metavar="N,N,...", help=help_text)
+    else:
+        group.add_argument(flag, type=kind, default=None, metavar=name.upper(), help=help_text)
+
+
+def dst_flags(config_class) -> dict[str, type]:
+    """The DST knobs a config class takes as flags (its `dst` table), with their types."""
+    if "dst" not in config_class.keys():
+        return {}
+    kinds = {}
+    for name, f in knob_fields().items():
+        try:
+            kinds[name] = field_kind(f.type)
+        except TypeError:  # not a plain value (e.g. MEST's milestones): set it in Python
+            continue
+    return kinds
+
+
 def add_config_flags(parser: argparse.ArgumentParser, config_class=RunConfig, helps: dict | None = None) -> None:
-    """One flag per field of `config_class`; defaults are None so only given flags override the file."""
+    """One flag per field of `config_class`, and one per DST knob of its `dst` table (help from
+    the knob's part); defaults are None so only given flags override the file."""
     group = parser.add_argument_group("run configuration (override --config)")
     group.add_argument("--config", metavar="FILE", help="TOML file with any of the keys below")
     for f in fields(config_class):
-        flag = "--" + f.name.replace("_", "-")
         kind = field_kind(f.type)
+        if kind is dict:
+            continue
         default = f.default if not callable(f.default_factory) else f.default_factory()
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
         help_text = (helps or HELP).get(f.name, f.name.replace("_", " "))
         if default is not None:
             help_text += f" (default: {shown})"
-        elif "default" not in help_text:  # None: the method's preset decides
-            help_text += " (default: the method's)"
-        if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif kind is list:
-            group.add_argument(flag, type=_int_list, default=None, metavar="N,N,...", help=help_text)
-        else:
-            group.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=help_text)
+        _add_flag(group, f.name, kind, help_text)
+    knobs = dst_flags(config_class)
+    if knobs:
+        dst = parser.add_argument_group("DST knobs: the [dst] table of a config file (default: the method's)")
+        for name, kind in knobs.items():
+            _add_flag(dst, name, kind, knob_fields()[name].metadata["help"])
 
 
 def config_from_args(args: argparse.Namespace, config_class=RunConfig):
     values = load_toml(args.config) if args.config else {}
     source = f"config file {args.config!r}" if args.config else "config"
-    values.update({f.name: getattr(args, f.name) for f in fields(config_class) if getattr(args, f.name) is not None})
+    given = [f.name for f in fields(config_class)] + list(dst_flags(config_class))
+    values.update({name: getattr(args, name) for name in given if getattr(args, name, None) is not None})
     return config_class.from_dict(values, source).validate()
 
 
@@ -163,19 +182,34 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, metavar="DIR", help="run folder")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument(
+        "--log",
+        choices=("tensorboard",),
+        default=None,
+        help="also write the per-epoch metrics and per-layer densities as TensorBoard scalars into --out "
+        '(needs pip install "neuroplast[tensorboard]")',
+    )
     add_config_flags(train)
 
     compare = commands.add_parser(
         "compare",
         help="train methods x seeds and tabulate mean ± std test accuracy",
         description=(
-            "Train every method for every seed (one folder per cell; finished cells are skipped, "
-            "interrupted ones resume), then write results.md and learning_curves.png to --out."
+            "A study of one density: train every method for every seed, several at a time, each in its own "
+            "folder <out>/<method>/d<density>/seed<seed> (finished cells are skipped, interrupted ones "
+            "resume), then write results.md and learning_curves.png to --out."
         ),
     )
     compare.add_argument("--methods", default="dense,static,set,rigl", help="comma-separated methods")
     compare.add_argument("--seeds", type=_int_list, default=[0, 1, 2], metavar="N,N,...", help="seeds (default 0,1,2)")
     compare.add_argument("--out", default="runs/compare", metavar="DIR", help="grid folder (default runs/compare)")
+    compare.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="runs trained at a time, each in its own process; 1 trains in this process (default: 2 on CPU, 1 on CUDA)",
+    )
     compare.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_flags(compare)
 
@@ -274,70 +308,90 @@ def build_parser() -> argparse.ArgumentParser:
     pstudy.add_argument("--report-only", action="store_true", help="run nothing; report the cells finished so far")
     pstudy.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    select = commands.add_parser(
+        "select",
+        help="feature selection by sparse training (WAST, QuickSelection, DAST, NeuroFS) vs baselines",
+        description=(
+            "Rank the features of a dataset with each method and seed, each cell in its own folder "
+            "<out>/<dataset>/<method>/seed<seed> (finished cells are skipped), evaluate SVM, 1-NN and "
+            "ExtraTrees on the K selected features (scaler fitted on the training split), then write "
+            "select.md, accuracy_vs_k.png and masks.png to <out>/<dataset>. See configs/select_fashion_mnist.toml."
+        ),
+    )
+    select.add_argument(
+        "--config", default=None, metavar="FILE", help="study TOML file ([select], [data], [options.METHOD])"
+    )
+    select.add_argument(
+        "--dataset",
+        default=None,
+        help="dataset (default: fashion-mnist); synthetic and fashion-mnist-noise have known informative features",
+    )
+    select.add_argument(
+        "--method", default=None, metavar="M,M,...", help="comma-separated methods (see docs/select.md)"
+    )
+    select.add_argument("--k", type=_int_list, default=None, metavar="K,K,...", help="features to select (default 50)")
+    select.add_argument("--seeds", type=_int_list, default=None, metavar="N,N,...", help="seeds (default 0)")
+    select.add_argument("--classifiers", default=None, help="comma-separated: svm, knn, extra-trees (default: all)")
+    select.add_argument(
+        "--select-samples", type=int, default=None, metavar="N", help="training rows the selectors see (0: all)"
+    )
+    select.add_argument(
+        "--eval-samples",
+        type=int,
+        default=None,
+        metavar="N",
+        help="training rows the classifiers are fitted on (0: all); the test set is always whole",
+    )
+    select.add_argument("--epochs", type=int, default=None, metavar="N", help="epochs of the sparse-training methods")
+    select.add_argument("--out", default=None, metavar="DIR", help="study folder (default runs/select)")
+    select.add_argument("--workers", type=int, default=None, metavar="N", help="cells at a time (default 1)")
+    select.add_argument("--report-only", action="store_true", help="run nothing; report the cells finished so far")
+    select.add_argument("--quiet", action="store_true", help="no progress bar")
+
     demo = commands.add_parser(
         "demo",
-        help="dense vs static vs SET vs RigL at 95%% sparsity, in about 2 minutes",
+        help="dense vs static vs SET vs RigL vs DAST at 95%% sparsity, in about 3 minutes",
         description=(
-            "Train dense, static, SET and RigL MLPs at 95%% sparsity (ERK) on Fashion-MNIST when it is "
-            "available offline, else on scikit-learn's digits; print a comparison table and write a "
-            "learning-curve PNG."
+            "Train dense, static, SET, RigL and DAST (neuroplast's own method) MLPs at 95% sparsity (ERK) on "
+            "Fashion-MNIST when it is available offline, else on scikit-learn's digits; print a comparison "
+            "table and write a learning-curve PNG."
         ),
     )
     demo.add_argument("--out", default="runs/demo", metavar="DIR", help="folder for the runs (default runs/demo)")
     demo.add_argument(
-        "--epochs", type=int, default=None, help="epochs per run (default: 3 on Fashion-MNIST, 30 on digits)"
+        "--epochs", type=int, default=None, help="epochs per run (default: 5 on Fashion-MNIST, 30 on digits)"
     )
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
-def _methods(text: str) -> list[str]:
-    methods = [m.strip() for m in text.split(",") if m.strip()]
-    for m in methods:
-        if m not in METHODS:
-            raise ConfigError(f"unknown method {m!r}; choose from: {', '.join(METHODS)}")
-    if not methods:
-        raise ConfigError("--methods is empty; choose from: " + ", ".join(METHODS))
-    return methods
-
-
-def _report(folders: list[Path], out: Path, title: str) -> None:
-    from neuroplast.experiments import load_run, markdown_table, plot_learning_curves, print_table, summarize
-
-    runs = [load_run(f) for f in folders]
-    rows = summarize(runs)
-    print_table(rows, title)
-    (out / "results.md").write_text(f"{title}\n\n{markdown_table(rows)}")
-    figure = plot_learning_curves(runs, out / "learning_curves.png", title)
-    print(f"wrote {out / 'results.md'} and {figure}")
-
-
 def cmd_train(args) -> int:
     from neuroplast.train import train
 
-    train(config_from_args(args), args.out, resume=args.resume, progress=not args.quiet)
+    config = config_from_args(args)
+    tensorboard = None
+    if args.log == "tensorboard":
+        from neuroplast.train.tensorboard import TensorBoardLog
+
+        tensorboard = TensorBoardLog(args.out)
+    try:
+        train(config, args.out, resume=args.resume, progress=not args.quiet, on_epoch_end=tensorboard)
+    finally:
+        if tensorboard is not None:
+            tensorboard.close()
     return 0
 
 
 def cmd_compare(args) -> int:
-    from neuroplast.train.grid import run_grid
+    from neuroplast.experiments.study import compare_study, run_study, write_report
 
-    base = config_from_args(args)
-    methods = _methods(args.methods)
-    if not args.seeds:
-        raise ConfigError("--seeds is empty; give e.g. 0,1,2")
-    out = Path(args.out)
-    folders = run_grid(base, methods, args.seeds, out, progress=not args.quiet)
-    title = (
-        f"{base.dataset}, {base.model} {'-'.join(map(str, base.hidden))}, density {base.density} "
-        f"({base.distribution}), {base.epochs} epochs, seeds {','.join(map(str, args.seeds))}"
-    )
-    _report(folders, out, title)
-    return 0
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    study = compare_study(config_from_args(args), methods, args.seeds, args.out, args.workers)
+    return _run_and_report(study, run_study, write_report, args.quiet)
 
 
 def cmd_demo(args) -> int:
-    from neuroplast.train.grid import run_grid
+    from neuroplast.experiments.study import compare_study, run_study, write_report
 
     if args.epochs is not None and args.epochs < 1:
         raise ConfigError(f"epochs {args.epochs!r} must be a positive integer")
@@ -353,13 +407,16 @@ def cmd_demo(args) -> int:
             "NEUROPLAST_DATA): training on scikit-learn's 8x8 digits instead."
         )
     start = time.perf_counter()
-    out = Path(args.out) / base.dataset
-    folders = run_grid(base, DEMO_METHODS, [0], out, progress=not args.quiet, log_epochs=False)
     print("Sparse models use the truly sparse csr backend (their cost follows the live weights).")
-    title = f"demo: {base.dataset}, MLP {'-'.join(map(str, base.hidden))}, 95% sparsity (ERK), {base.epochs} epochs"
-    _report(folders, out, title)
-    print(f"demo finished in {time.perf_counter() - start:.0f}s")
-    return 0
+    study = compare_study(base, DEMO_METHODS, [0], Path(args.out) / base.dataset)
+    code = _run_and_report(study, run_study, write_report, args.quiet)
+    if code == 0:
+        print(f"demo finished in {time.perf_counter() - start:.0f}s")
+        print(
+            "Read more: docs/dst.md (the methods, DAST, the study behind these numbers) and README.md "
+            "(what else neuroplast does), in the neuroplast repository."
+        )
+    return code
 
 
 def cmd_federate(args) -> int:
@@ -382,17 +439,19 @@ def cmd_federate(args) -> int:
         resume = args.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
         log = print if comm.rank == 0 else None
         federate(config, args.out, resume=resume, progress=not args.quiet and comm.rank == 0, log=log, comm=comm)
+        # every process has finished its last collective and file before any tears its group down:
+        # a process leaving early made gloo abort a peer at exit now and then
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     return 0
 
 
-def _study_command(args, load, run, report) -> int:
-    """Load a study config, run its unfinished cells (unless --report-only), write its report."""
-    study = load(args.config, out=args.out, workers=args.workers)
-    if not args.report_only:
+def _run_and_report(study, run, report, quiet: bool, report_only: bool = False) -> int:
+    """Run a study's unfinished cells (unless `report_only`), then write its report."""
+    if not report_only:
         try:
-            run(study, progress=not args.quiet)
+            run(study, progress=not quiet)
         except KeyboardInterrupt:
             print(
                 "interrupted; finished cells are kept and the others resume from their last checkpoint "
@@ -402,6 +461,12 @@ def _study_command(args, load, run, report) -> int:
             return 130
     report(study)
     return 0
+
+
+def _study_command(args, load, run, report) -> int:
+    """Load a study config, run its unfinished cells (unless --report-only), write its report."""
+    study = load(args.config, out=args.out, workers=args.workers)
+    return _run_and_report(study, run, report, args.quiet, args.report_only)
 
 
 def cmd_federate_study(args) -> int:
@@ -422,8 +487,54 @@ def cmd_study(args) -> int:
     return _study_command(args, load_study, run_study, write_report)
 
 
+def cmd_select(args) -> int:
+    from neuroplast.experiments.runner import run_cells
+    from neuroplast.select.study import SelectStudy, cells, is_finished, run_cell, write_report
+
+    def listed(text: str | None) -> list[str] | None:
+        return [part.strip() for part in text.split(",") if part.strip()] if text else None
+
+    overrides = {
+        "out": args.out,
+        "dataset": args.dataset,
+        "methods": listed(args.method),
+        "ks": args.k,
+        "seeds": args.seeds,
+        "classifiers": listed(args.classifiers),
+        "select_samples": args.select_samples,
+        "eval_samples": args.eval_samples,
+        "workers": args.workers,
+    }
+    if args.config:
+        study = SelectStudy.from_toml(args.config, **overrides)
+    else:
+        study = SelectStudy(**{k: v for k, v in overrides.items() if v is not None})
+    if args.epochs is not None:
+        sparse = ("quickselection", "wast", "dast", "neurofs")
+        study.options = {**study.options, **{m: {**study.options.get(m, {}), "epochs": args.epochs} for m in sparse}}
+    study.validate()
+    grid = cells(study)
+    todo = [] if args.report_only else [c for c in grid if not is_finished(c)]
+
+    def report(cell, result: dict) -> None:
+        svm = result["accuracy"].get("50", next(iter(result["accuracy"].values())))
+        shown = ", ".join(f"{name} {value * 100:.2f}" for name, value in svm.items())
+        print(f"{cell.method} seed {cell.seed}: {result['seconds']:.1f}s selection; {shown}")
+
+    print(f"{len(grid) - len(todo)} of {len(grid)} cells finished; running {len(todo)}")
+    try:
+        if todo:
+            run_cells(todo, run_cell, study.workers, len(grid), progress=not args.quiet, done=report)
+    except KeyboardInterrupt:
+        print("interrupted; finished cells are kept, the others run when this command is run again", file=sys.stderr)
+        return 130
+    print(f"report: {write_report(study)}")
+    return 0
+
+
 COMMANDS = {
     "train": cmd_train,
+    "select": cmd_select,
     "compare": cmd_compare,
     "study": cmd_study,
     "federate": cmd_federate,

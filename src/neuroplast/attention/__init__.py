@@ -2,10 +2,11 @@
 but the numba runtime (`neuroplast.compiled`)."""
 
 from neuroplast.attention import kernels
-from neuroplast.attention.layers import ATTENTIONS, MoBAttention
+from neuroplast.attention.layers import ATTENTIONS, MoBAttention, TileOrder
 from neuroplast.attention.moba import (
     IMPLEMENTATIONS,
     ROUTINGS,
+    MoBAOptions,
     inverse_order,
     key_convolution,
     moba_attention,
@@ -13,14 +14,17 @@ from neuroplast.attention.moba import (
     select_blocks,
     select_query_blocks,
     selection_mask,
+    square_tile,
     tile_order,
 )
 
 __all__ = [
     "ATTENTIONS",
     "IMPLEMENTATIONS",
+    "MoBAOptions",
     "MoBAttention",
     "ROUTINGS",
+    "TileOrder",
     "inverse_order",
     "kernels",
     "key_convolution",
@@ -29,5 +33,6 @@ __all__ = [
     "select_blocks",
     "select_query_blocks",
     "selection_mask",
+    "square_tile",
     "tile_order",
 ]

@@ -7,8 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neuroplast.attention.moba import (
-    IMPLEMENTATIONS,
-    check_routing,
+    MoBAOptions,
     expand_kv_heads,
     head_views,
     inverse_order,
@@ -18,6 +17,30 @@ from neuroplast.attention.moba import (
 )
 
 ATTENTIONS = ("dense", "moba")
+
+
+class TileOrder(nn.Module):
+    """Image tokens in tile order and back: for a (rows, cols) grid of tokens in raster order
+    and a (rows, cols) tile, `tiled(x)` reorders x (batch, tokens, ...) so that each run of
+    tile-area consecutive tokens is one tile (see `tile_order`), and `raster(x)` puts them back.
+    A MoBA block of one tile's tokens is then a square patch of the image, not a raster strip.
+    The permutations are buffers (they follow the module's device), not saved in state_dict."""
+
+    def __init__(self, grid: tuple[int, int], tile: tuple[int, int]):
+        super().__init__()
+        order = tile_order(*grid, *tile)
+        self.register_buffer("order", order, persistent=False)
+        self.register_buffer("restore", inverse_order(order), persistent=False)
+
+    def tiled(self, x: torch.Tensor) -> torch.Tensor:
+        """x (batch, tokens, ...) in raster order, reordered tile by tile."""
+        if x.shape[1] != self.order.numel():
+            raise ValueError(f"{x.shape[1]} tokens, but the tile order was built for {self.order.numel()}")
+        return x[:, self.order]
+
+    def raster(self, x: torch.Tensor) -> torch.Tensor:
+        """x (batch, tokens, ...) in tile order, put back in raster order."""
+        return x[:, self.restore]
 
 
 class MoBAttention(nn.Module):
@@ -56,9 +79,6 @@ class MoBAttention(nn.Module):
             raise ValueError(f"dim {dim} is not a multiple of heads {heads}")
         if heads % kv_heads:
             raise ValueError(f"heads {heads} is not a multiple of kv_heads {kv_heads}")
-        if implementation not in IMPLEMENTATIONS:
-            raise ValueError(f"unknown implementation {implementation!r}; choose from: {', '.join(IMPLEMENTATIONS)}")
-        check_routing(routing, causal and not full)  # dense layers route nothing
         if (grid is None) != (tile is None):
             raise ValueError("give both grid and tile (or neither)")
         if tile is not None and tile[0] * tile[1] != block_size:
@@ -66,9 +86,16 @@ class MoBAttention(nn.Module):
                 f"a {tile[0]}x{tile[1]} tile holds {tile[0] * tile[1]} tokens, not block_size {block_size}"
             )
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
-        self.block_size, self.top_k, self.causal = block_size, top_k, causal
-        self.force_own_block, self.full, self.implementation = force_own_block, full, implementation
-        self.routing = routing
+        self.causal, self.full = causal, full
+        # dense layers route nothing: their routing settings are not checked against causal
+        self.options = MoBAOptions(
+            block_size,
+            top_k,
+            causal=causal and not full,
+            force_own_block=force_own_block if not full else None,
+            implementation=implementation,
+            routing=routing,
+        )
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * kv_heads * self.head_dim)
         self.out = nn.Linear(dim, dim)
@@ -77,19 +104,13 @@ class MoBAttention(nn.Module):
             weight = torch.zeros(kv_heads, self.head_dim, key_conv)
             weight[..., -1 if causal else key_conv // 2] = 1.0  # identity at the current token
             self.key_conv = nn.Parameter(weight)
-        if grid is not None:
-            order = tile_order(*grid, *tile)
-            self.register_buffer("order", order, persistent=False)
-            self.register_buffer("restore", inverse_order(order), persistent=False)
-        else:
-            self.order = self.restore = None
+        self.tiles = TileOrder(grid, tile) if grid is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Self-attention over x (batch, tokens, dim); returns the same shape, tokens in x's order."""
         batch, n, dim = x.shape
-        if self.order is not None:
-            if n != self.order.numel():
-                raise ValueError(f"{n} tokens, but the tile order was built for {self.order.numel()}")
-            x = x[:, self.order]
+        if self.tiles is not None:
+            x = self.tiles.tiled(x)
         q = self.q(x).view(batch, n, self.heads, self.head_dim)
         kv = self.kv(x).view(batch, n, 2, self.kv_heads, self.head_dim)  # keys, values
         if self.full:
@@ -99,20 +120,13 @@ class MoBAttention(nn.Module):
             k, v = expand_kv_heads(q, k, v)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal).transpose(1, 2)
         else:
-            y = moba_attention_packed(
-                q,
-                kv,
-                self.block_size,
-                self.top_k,
-                causal=self.causal,
-                force_own_block=self.force_own_block,
-                key_conv=self.key_conv,
-                implementation=self.implementation,
-                routing=self.routing,
-            )
+            y = moba_attention_packed(q, kv, self.options, key_conv=self.key_conv)
         y = self.out(y.reshape(batch, n, dim))
-        return y[:, self.restore] if self.restore is not None else y
+        return self.tiles.raster(y) if self.tiles is not None else y
 
     def extra_repr(self) -> str:
-        kind = "full" if self.full else f"moba block={self.block_size} top_k={self.top_k} routing={self.routing}"
+        options = self.options
+        kind = (
+            "full" if self.full else f"moba block={options.block_size} top_k={options.top_k} routing={options.routing}"
+        )
         return f"heads={self.heads}, kv_heads={self.kv_heads}, {kind}, causal={self.causal}"

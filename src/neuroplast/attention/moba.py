@@ -31,6 +31,7 @@ gathered key blocks, with no merge.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -156,20 +157,72 @@ def check_routing(routing: str, causal: bool) -> None:
         )
 
 
-def _check(q, k, v, block_size, top_k, implementation, routing, causal) -> None:
+@dataclass(frozen=True)
+class MoBAOptions:
+    """How MoBA routes and computes: the settings `moba_attention`, `moba_attention_packed` and
+    `MoBAttention` share, checked when made.
+
+    block_size: tokens per key block (the last block may be short).
+    top_k: blocks each query attends to (its own block among them when forced).
+    causal: token-causal attention: the own block is always chosen (a token-level causal mask
+        inside it), history blocks are those entirely in the past, future blocks never count.
+    force_own_block: every query also reads its own block, which counts in top_k; default True
+        when causal (required there), False otherwise. Made concrete (a bool) when checked.
+    scale: the softmax scale; None: 1 / sqrt(head dim).
+    implementation: "flex" (FlexAttention over the (query, block) pairs sorted by block; the
+        GPU path, inference-only on CPU), "gather" (queries grouped by chosen block, batched
+        matmuls; any device), "kernel" (numba, CPU: query by query over the selected keys),
+        "reference" (dense, exact mask), "tiles" (routing="block" only: one fused attention call
+        over every query block and its chosen key blocks; any device), or "auto" (with
+        routing="block", tiles; else flex on CUDA, and on CPU gather, except the kernel for small
+        blocks or narrow heads).
+    routing: "token" (each query chooses its blocks: the MoBA paper) or "block" (non-causal
+        only: each block of queries chooses by its mean query, and all its queries attend to
+        the same blocks).
+    """
+
+    block_size: int
+    top_k: int
+    causal: bool = True
+    force_own_block: bool | None = None
+    scale: float | None = None
+    implementation: str = "auto"
+    routing: str = "token"
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size {self.block_size!r} must be >= 1")
+        if self.top_k < 1:
+            raise ValueError(f"top_k {self.top_k!r} must be >= 1")
+        if self.implementation not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"unknown implementation {self.implementation!r}; choose from: {', '.join(IMPLEMENTATIONS)}"
+            )
+        check_routing(self.routing, self.causal)
+        if self.implementation == "tiles" and self.routing != "block":
+            raise ValueError(
+                "implementation 'tiles' needs routing='block' (a block of queries sharing its blocks); "
+                "with routing='token' choose from: auto, flex, gather, kernel, reference"
+            )
+        if self.force_own_block is None:
+            object.__setattr__(self, "force_own_block", self.causal)
+        elif self.causal and not self.force_own_block:
+            raise ValueError(
+                "causal MoBA always attends to the query's own block; force_own_block=False needs causal=False"
+            )
+
+    def scale_for(self, q: torch.Tensor) -> float:
+        """The softmax scale for queries q (..., D)."""
+        return q.shape[-1] ** -0.5 if self.scale is None else self.scale
+
+
+def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k, v must be (batch, heads, sequence, head_dim)")
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit together")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
-    if block_size < 1:
-        raise ValueError(f"block_size {block_size!r} must be >= 1")
-    if top_k < 1:
-        raise ValueError(f"top_k {top_k!r} must be >= 1")
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown implementation {implementation!r}; choose from: {', '.join(IMPLEMENTATIONS)}")
-    check_routing(routing, causal)
 
 
 def moba_attention(
@@ -187,31 +240,50 @@ def moba_attention(
 ) -> torch.Tensor:
     """MoBA attention. q (B, Hq, N, D); k, v (B, Hkv, N, D) with Hq a multiple of Hkv.
 
-    force_own_block: default True when causal (required there), False otherwise.
+    block_size, top_k, causal, force_own_block, scale, implementation, routing: the settings of
+    `MoBAOptions` (see there for each).
     key_conv: optional depthwise key convolution weight (Hkv, D, width), applied to the keys
     before routing and attention.
-    implementation: "flex" (FlexAttention over the (query, block) pairs sorted by block; the
-    GPU path, inference-only on CPU), "gather" (queries grouped by chosen block, batched
-    matmuls; any device), "kernel" (numba, CPU: query by query over the selected keys),
-    "reference" (dense, exact mask), "tiles" (routing="block" only: one fused attention call
-    over every query block and its chosen key blocks; any device), or "auto" (with
-    routing="block", tiles; else flex on CUDA, and on CPU gather, except the kernel for small
-    blocks or narrow heads).
-    routing: "token" (each query chooses its blocks: the MoBA paper) or "block" (non-causal
-    only: each block of queries chooses by its mean query, and all its queries attend to the
-    same blocks).
     """
-    _check(q, k, v, block_size, top_k, implementation, routing, causal)
-    force_own_block = _own_block(causal, force_own_block)
+    options = MoBAOptions(block_size, top_k, causal, force_own_block, scale, implementation, routing)
+    return _attention(q, k, v, options, key_conv)
+
+
+def moba_attention_packed(
+    q: torch.Tensor, kv: torch.Tensor, options: MoBAOptions, key_conv: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`moba_attention` in the layout of the projections: q (B, N, Hq, D) and kv (B, N, 2, Hkv, D)
+    (keys, then values), as `linear(x).view(...)` gives them; returns (B, N, Hq, D). The numba
+    kernels read and write this layout as it is, so no copies are made on the way in or out (nor
+    for the gradients); the other implementations run on head views of it."""
+    if q.dim() != 4 or kv.dim() != 5 or kv.shape[2] != 2:
+        raise ValueError(f"q {tuple(q.shape)} must be (B, N, H, D) and kv {tuple(kv.shape)} (B, N, 2, Hkv, D)")
+    heads = head_views(q, kv)
+    _check_shapes(*heads)
+    if q.shape[1] == 0:
+        return q.new_zeros(q.shape)
+    kernel_dtype = q.dtype == kv.dtype and q.dtype in (torch.float32, torch.float64)
+    if _resolve(options, heads[0]) != "kernel" or key_conv is not None or not kernel_dtype:
+        return _attention(*heads, options, key_conv).transpose(1, 2)
+    return _kernel(q.contiguous(), kv.contiguous(), options, options.scale_for(q))
+
+
+def _attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: MoBAOptions, key_conv: torch.Tensor | None
+) -> torch.Tensor:
+    """`moba_attention` with its settings checked."""
+    _check_shapes(q, k, v)
     if q.shape[2] == 0:  # no tokens: nothing to route or attend to
         return q.new_zeros(q.shape)
+    block_size, top_k, causal = options.block_size, options.top_k, options.causal
+    force_own_block, routing = options.force_own_block, options.routing
     if key_conv is not None:
         k = key_convolution(k, key_conv, causal)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    implementation = _resolve(implementation, q, block_size, routing)
+    scale = options.scale_for(q)
+    implementation = _resolve(options, q)
     if implementation == "kernel":  # into the kernels' layout: one copy of q, one of k and v
         kv = torch.stack((_working(k).transpose(1, 2), _working(v).transpose(1, 2)), dim=2)
-        out = _kernel(kernels.packed(_working(q)), kv, block_size, top_k, causal, force_own_block, scale, routing)
+        out = _kernel(kernels.packed(_working(q)), kv, options, scale)
         return out.transpose(1, 2).to(q.dtype)
     if implementation == "tiles":
         chosen = select_query_blocks(q.detach(), k.detach(), block_size, top_k, force_own_block)[0]
@@ -226,71 +298,24 @@ def moba_attention(
     return _gather(q, k, v, block_size, chosen, valid, causal, force_own_block, scale)
 
 
-def moba_attention_packed(
-    q: torch.Tensor,
-    kv: torch.Tensor,
-    block_size: int,
-    top_k: int,
-    causal: bool = True,
-    force_own_block: bool | None = None,
-    key_conv: torch.Tensor | None = None,
-    scale: float | None = None,
-    implementation: str = "auto",
-    routing: str = "token",
-) -> torch.Tensor:
-    """`moba_attention` in the layout of the projections: q (B, N, Hq, D) and kv (B, N, 2, Hkv, D)
-    (keys, then values), as `linear(x).view(...)` gives them; returns (B, N, Hq, D). The numba
-    kernels read and write this layout as it is, so no copies are made on the way in or out (nor
-    for the gradients); the other implementations run on head views of it."""
-    if q.dim() != 4 or kv.dim() != 5 or kv.shape[2] != 2:
-        raise ValueError(f"q {tuple(q.shape)} must be (B, N, H, D) and kv {tuple(kv.shape)} (B, N, 2, Hkv, D)")
-    heads = head_views(q, kv)
-    _check(*heads, block_size, top_k, implementation, routing, causal)
-    force_own_block = _own_block(causal, force_own_block)
-    if q.shape[1] == 0:
-        return q.new_zeros(q.shape)
-    implementation = _resolve(implementation, heads[0], block_size, routing)
-    kernel_dtype = q.dtype == kv.dtype and q.dtype in (torch.float32, torch.float64)
-    if implementation != "kernel" or key_conv is not None or not kernel_dtype:
-        out = moba_attention(
-            *heads, block_size, top_k, causal, force_own_block, key_conv, scale, implementation, routing=routing
-        )
-        return out.transpose(1, 2)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _kernel(q.contiguous(), kv.contiguous(), block_size, top_k, causal, force_own_block, scale, routing)
-
-
 def head_views(q: torch.Tensor, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q (B, N, H, D) and kv (B, N, 2, Hkv, D) as (B, heads, N, D) views q, k, v (no copies)."""
     k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
     return q.transpose(1, 2), k, v
 
 
-def _kernel(q, kv, block_size, top_k, causal, force_own_block, scale, routing) -> torch.Tensor:
+def _kernel(q: torch.Tensor, kv: torch.Tensor, options: MoBAOptions, scale: float) -> torch.Tensor:
     """Routing and the numba kernels on q (B, N, H, D), kv (B, N, 2, Hkv, D), C-contiguous."""
     heads, k, _ = head_views(q, kv)
-    chosen, valid = select_blocks(heads.detach(), k.detach(), block_size, top_k, causal, force_own_block, routing)
-    return kernels.attention(q, kv, block_size, chosen, valid, causal, force_own_block, scale)
+    block_size, causal, own = options.block_size, options.causal, options.force_own_block
+    chosen, valid = select_blocks(heads.detach(), k.detach(), block_size, options.top_k, causal, own, options.routing)
+    return kernels.attention(q, kv, block_size, chosen, valid, causal, own, scale)
 
 
-def _own_block(causal: bool, force_own_block: bool | None) -> bool:
-    if force_own_block is None:
-        return causal
-    if causal and not force_own_block:
-        raise ValueError(
-            "causal MoBA always attends to the query's own block; force_own_block=False needs causal=False"
-        )
-    return force_own_block
-
-
-def _resolve(implementation: str, q: torch.Tensor, block_size: int, routing: str = "token") -> str:
+def _resolve(options: MoBAOptions, q: torch.Tensor) -> str:
     """The implementation that runs ("auto" made concrete); an error for "kernel" where it cannot."""
-    if implementation == "tiles" and routing != "block":
-        raise ValueError(
-            "implementation 'tiles' needs routing='block' (a block of queries sharing its blocks); "
-            "with routing='token' choose from: auto, flex, gather, kernel, reference"
-        )
-    if implementation == "auto" and routing == "block":
+    implementation = options.implementation
+    if implementation == "auto" and options.routing == "block":
         # one fused attention call over all the tiles: faster than the kernel at 16K tokens
         # (blocks of 128, heads of 64: 2.7x forward, 1.9x forward + backward) and at 784 ViT
         # tokens (blocks of 16, heads of 16: 1.1-1.2x), slower at 196 for forward + backward
@@ -302,7 +327,7 @@ def _resolve(implementation: str, q: torch.Tensor, block_size: int, routing: str
         # on CPU, gather's batched matmuls win when a group's products are big enough (heads of
         # 64, blocks of 128: 1.1-2.4x faster than the kernel); the kernel wins in the ViT's
         # shapes (heads of 16, blocks of 14-16: 1.2-1.5x) (`python bench/attention.py --vit`)
-        small = block_size < GATHER_MIN_BLOCK or q.shape[-1] < GATHER_MIN_HEAD_DIM
+        small = options.block_size < GATHER_MIN_BLOCK or q.shape[-1] < GATHER_MIN_HEAD_DIM
         return "kernel" if small and kernels.usable(q) else "gather"
     if implementation == "kernel" and not kernels.usable(q):
         raise ValueError("implementation 'kernel' needs numba and CPU tensors; use 'gather' or 'auto'")
@@ -362,7 +387,28 @@ def tile_order(rows: int, cols: int, tile_rows: int, tile_cols: int) -> torch.Te
     return order
 
 
+def square_tile(rows: int, cols: int, block_size: int) -> tuple[int, int]:
+    """The most square tile (th, tw) with th * tw = block_size that divides a rows x cols grid."""
+    best = None
+    for th in range(1, block_size + 1):
+        if block_size % th or rows % th or cols % (block_size // th):
+            continue
+        tw = block_size // th
+        if best is None or abs(math.log(th / tw)) < abs(math.log(best[0] / best[1])):
+            best = (th, tw)
+    if best is None:
+        valid = sorted(
+            {th * tw for th in range(1, rows + 1) if rows % th == 0 for tw in range(1, cols + 1) if cols % tw == 0}
+        )
+        raise ValueError(
+            f"block_size {block_size} cannot be a tile of the {rows}x{cols} patch grid; "
+            f"choose from: {', '.join(map(str, valid[:12]))}{', ...' if len(valid) > 12 else ''}"
+        )
+    return best
+
+
 def inverse_order(order: torch.Tensor) -> torch.Tensor:
+    """The permutation that undoes `order`: `x[:, order][:, inverse_order(order)]` is x."""
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
     return inverse

@@ -98,7 +98,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from neuroplast.data.datasets import Dataset, _finish
+from neuroplast.data.dataset import Dataset, to_dataset
 from neuroplast.data.sources import DataError, data_root
 
 FAMILIES = ("arm2", "arm3", "lamp", "scissors", "stick")
@@ -872,7 +872,7 @@ def load_articulated(
     test_arrays, test_origin = _split_arrays(size, families, test_split, test, seed, cache, progress)
     arrays = (train_arrays["image"], train_arrays["label"], test_arrays["image"], test_arrays["label"])
     origin = "generated" if train_origin == test_origin == "generated" else f"{train_origin}; {test_origin}"
-    data = _finish("articulated", arrays, origin, flatten)
+    data = to_dataset("articulated", arrays, origin, flatten)
     data.num_classes = len(families)
     for prefix, source in (("train", train_arrays), ("test", test_arrays)):
         for key in _KEPT[2:]:

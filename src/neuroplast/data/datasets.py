@@ -13,15 +13,19 @@ import io
 import pickle
 import struct
 import tarfile
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from neuroplast.data.articulated import load_articulated
+from neuroplast.data.cache import Arrays, DecodedCache
+from neuroplast.data.dataset import STANDARDIZE, Dataset, to_dataset
 from neuroplast.data.sources import CIFAR10, FASHION_MNIST, MNIST, DataError, Source, fetch, find_local, verify
+from neuroplast.data.synthetic import make_synthetic, with_noise_features
 
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "articulated")
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "articulated", "synthetic", "fashion-mnist-noise")
 
 _IDX_DTYPES = {
     0x08: np.uint8,
@@ -31,24 +35,6 @@ _IDX_DTYPES = {
     0x0D: np.dtype(">f4"),
     0x0E: np.dtype(">f8"),
 }
-
-
-@dataclass
-class Dataset:
-    name: str
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    image_shape: tuple[int, int, int]  # (C, H, W)
-    num_classes: int
-    origin: str  # where the data was read from, for the user's information
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # other targets, e.g. "train_part_masks"
-
-    @property
-    def num_features(self) -> int:
-        c, h, w = self.image_shape
-        return c * h * w
 
 
 def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
@@ -136,25 +122,34 @@ def _digits() -> tuple[np.ndarray, ...]:
     return x_train / 16.0, y_train, x_test / 16.0, y_test
 
 
-def _finish(name, arrays, origin, flatten) -> Dataset:
-    """Scale to [0,1], standardise with train-set channel statistics, convert to tensors."""
-    x_train, y_train, x_test, y_test = arrays
-    if x_train.ndim == 3:  # grayscale: add the channel axis
-        x_train, x_test = x_train[:, None], x_test[:, None]
-    scale = 255.0 if x_train.dtype == np.uint8 else 1.0
-    x_train = torch.from_numpy(np.array(x_train)).float().div_(scale)  # copy: parsed arrays are read-only
-    x_test = torch.from_numpy(np.array(x_test)).float().div_(scale)
-    mean = x_train.mean(dim=(0, 2, 3), keepdim=True)
-    std = x_train.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-    x_train = (x_train - mean) / std
-    x_test = (x_test - mean) / std
-    shape = tuple(x_train.shape[1:])
-    if flatten:
-        x_train, x_test = x_train.flatten(1), x_test.flatten(1)
-    y_train = torch.as_tensor(np.asarray(y_train, dtype=np.int64))
-    y_test = torch.as_tensor(np.asarray(y_test, dtype=np.int64))
-    num_classes = int(max(y_train.max(), y_test.max())) + 1
-    return Dataset(name, x_train, y_train, x_test, y_test, shape, num_classes, origin)
+def _load_files(
+    name: str,
+    source: Source,
+    decode: Callable[[Path], Arrays],
+    flatten: bool,
+    download: bool,
+    progress: bool,
+    standardize: str = "channel",
+) -> Dataset:
+    """A dataset made of `source`'s files: decoded once (verified), then read from its cache."""
+    folder = find_local(source)
+    origin = str(folder) if folder else "download"
+    if folder is None:
+        fetch(source, download=download, progress=progress)
+        folder = find_local(source)
+    cache = DecodedCache(source, folder)
+    cached = cache.read()
+    arrays, stats = cached if cached is not None else (decode(folder), {})
+    known = set(stats)
+    dataset = to_dataset(name, arrays, origin, flatten, stats, standardize)
+    if cached is None or set(stats) != known:
+        cache.write(arrays, stats)
+    return dataset
+
+
+def _cifar10_folder(folder: Path) -> Arrays:
+    (f,) = CIFAR10.files
+    return read_cifar10_tarball(verify(folder / f.name, f), f.name)
 
 
 def load_dataset(
@@ -163,31 +158,37 @@ def load_dataset(
     download: bool = True,
     progress: bool = True,
     articulated: dict | None = None,
+    synthetic: dict | None = None,
+    standardize: str = "channel",
 ) -> Dataset:
     """Load a dataset by name: one of `DATASETS`. `articulated`: keyword arguments of
-    `load_articulated` (size, families, split, train, test, seed, cache, progress)."""
+    `load_articulated` (size, families, split, train, test, seed, cache, progress).
+    `synthetic`: options of the generated feature-selection sets (`data/synthetic.py`):
+    `make_synthetic`'s for "synthetic", `with_noise_features`'s for "fashion-mnist-noise".
+    `standardize`: images with per-channel ("channel") or per-pixel ("feature") statistics of the
+    training set; the generated tabular sets (synthetic, fashion-mnist-noise) are always per feature."""
+    if standardize not in STANDARDIZE:
+        raise DataError(f"unknown standardize {standardize!r}; choose from: {', '.join(STANDARDIZE)}")
     if name == "digits":
-        return _finish(name, _digits(), "scikit-learn (embedded 8x8 digits)", flatten)
+        return to_dataset(name, _digits(), "scikit-learn (embedded 8x8 digits)", flatten, standardize=standardize)
     if name in ("mnist", "fashion-mnist"):
         source = MNIST if name == "mnist" else FASHION_MNIST
-        folder = find_local(source)
-        raw = fetch(source, download=download, progress=progress)
-        arrays = [read_idx_gz(raw[f.name], f.name) for f in source.files]
-        origin = str(folder) if folder else "download"
-        return _finish(name, arrays, origin, flatten)
+        decode = partial(load_idx_folder, source=source)
+        return _load_files(name, source, decode, flatten, download, progress, standardize)
     if name == "cifar10":
-        raw = fetch(CIFAR10, download=download, progress=progress)
-        arrays = read_cifar10_tarball(raw[CIFAR10.files[0].name], CIFAR10.files[0].name)
-        return _finish(name, arrays, "cifar-10-python.tar.gz", flatten)
+        return _load_files(name, CIFAR10, _cifar10_folder, flatten, download, progress, standardize)
     if name == "articulated":
         return _articulated(flatten, progress, articulated or {})
+    if name == "synthetic":
+        return make_synthetic(**(synthetic or {}))
+    if name == "fashion-mnist-noise":
+        images = load_dataset("fashion-mnist", flatten=True, download=download, progress=progress)
+        return with_noise_features(images, **(synthetic or {}))
     raise DataError(f"unknown dataset {name!r}; choose from: {', '.join(DATASETS)}")
 
 
 def _articulated(flatten: bool, progress: bool, options: dict) -> Dataset:
     import inspect
-
-    from neuroplast.data.articulated import load_articulated  # imports this module: load it late
 
     valid = [p for p in inspect.signature(load_articulated).parameters if p != "flatten"]
     for key in options:
@@ -199,4 +200,6 @@ def _articulated(flatten: bool, progress: bool, options: dict) -> Dataset:
 def is_available_offline(name: str) -> bool:
     """True if `name` can be loaded without a download (files present, not yet verified)."""
     sources = {"mnist": MNIST, "fashion-mnist": FASHION_MNIST, "cifar10": CIFAR10}
-    return name in ("digits", "articulated") or (name in sources and find_local(sources[name]) is not None)
+    if name == "fashion-mnist-noise":
+        return find_local(FASHION_MNIST) is not None
+    return name in ("digits", "articulated", "synthetic") or (name in sources and find_local(sources[name]) is not None)

@@ -1,9 +1,34 @@
 """Dynamic sparse training: the engine, schedules, drop and grow criteria, presets."""
 
-from neuroplast.dst.criteria import DROP_CRITERIA, GROW_CRITERIA, LayerSignals
-from neuroplast.dst.engine import Algorithm, DSTEngine, LayerUpdate, UpdateRecord
-from neuroplast.dst.presets import METHODS, PRESETS, preset
-from neuroplast.dst.schedules import Schedule
+from neuroplast.dst.criteria import (
+    AttentionDrop,
+    AttentionGrow,
+    GradientGrow,
+    MagnitudeDrop,
+    MagnitudeGradientDrop,
+    MomentumGrow,
+    NoisyMagnitudeDrop,
+    RandomGrow,
+    SampledAttentionGrow,
+    SignedMagnitudeDrop,
+    SimilarityGrow,
+    SimilaritySimGrow,
+    StochasticNormalisedDrop,
+    SupervisedAttentionGrow,
+)
+from neuroplast.dst.engine import Algorithm, DSTEngine, LayerUpdate, UpdateRecord, knob_fields
+from neuroplast.dst.parts import (
+    DROP_CRITERIA,
+    GROW_CRITERIA,
+    DropCriterion,
+    GrowCriterion,
+    LayerSignals,
+    knob,
+    register_drop,
+    register_grow,
+)
+from neuroplast.dst.presets import METHODS, PRESETS, preset, register_preset
+from neuroplast.dst.schedules import Schedule, UpdateSchedule
 
 __all__ = [
     "DROP_CRITERIA",
@@ -11,10 +36,32 @@ __all__ = [
     "METHODS",
     "PRESETS",
     "Algorithm",
+    "AttentionDrop",
+    "AttentionGrow",
     "DSTEngine",
+    "DropCriterion",
+    "GradientGrow",
+    "GrowCriterion",
     "LayerSignals",
     "LayerUpdate",
+    "MagnitudeDrop",
+    "MagnitudeGradientDrop",
+    "MomentumGrow",
+    "NoisyMagnitudeDrop",
+    "RandomGrow",
+    "SampledAttentionGrow",
     "Schedule",
+    "SignedMagnitudeDrop",
+    "SimilarityGrow",
+    "SimilaritySimGrow",
+    "StochasticNormalisedDrop",
+    "SupervisedAttentionGrow",
     "UpdateRecord",
+    "UpdateSchedule",
+    "knob",
+    "knob_fields",
     "preset",
+    "register_drop",
+    "register_grow",
+    "register_preset",
 ]

@@ -1,10 +1,5 @@
-"""Drop and grow criteria: scores in, indices out. Backend-independent.
-
-drop(values, fraction, generator) -> positions in `values` (a layer's live weights, in the
-    order of their flat indices) to remove.
-grow(signals, candidates, n, generator) -> flat indices of empty positions to add. `candidates`
-    answers "is this flat position empty?" without listing the empty positions, so the same
-    criterion runs on a masked layer and on a truly sparse one.
+"""The drop and grow criteria of the presets: each a small dataclass with its own knobs (see
+`dst/parts.py`), over a function of tensors (scores in, indices out). Backend-independent.
 
 Ties are broken at random from the seeded generator, never by the implementation-defined
 order of `topk`/`argsort` on equal values: by a random permutation when all scores are in hand
@@ -14,33 +9,23 @@ order of `topk`/`argsort` on equal values: by a random permutation when all scor
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
+from neuroplast.dst.parts import (
+    DropCriterion,
+    GrowCriterion,
+    LayerSignals,
+    ScoreChunks,
+    drop_count,
+    knob,
+    register_drop,
+    register_grow,
+)
+from neuroplast.dst.schedules import cosine
+from neuroplast.dst.signals import weight_neurons
 from neuroplast.sparse.layer import Candidates
-
-ScoreChunks = Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]
-
-
-@dataclass
-class LayerSignals:
-    """What the engine gathered for one layer, handed to the drop and grow criteria.
-
-    Every `*_chunks` field yields (flat indices, scores) a bounded block at a time, so the same
-    criterion runs on a layer of any size; chunking never changes a criterion's result.
-    """
-
-    # (flat indices, dense gradient there) in chunks, for the mini-batch of the update step
-    dense_grad_chunks: ScoreChunks | None = None
-    # |momentum| of the dense gradient (SNFS), |cosine similarity| of neuron activations (CTRE),
-    # importance(src) x importance(dst) (WAST, DAST): the grow criterion's non-negative scores
-    score_chunks: ScoreChunks | None = None
-    live_grad: torch.Tensor | None = None  # gradient of the last mini-batch at those weights (MEST)
-    src_importance: torch.Tensor | None = None  # per weight: importance of its input neuron (WAST drop)
-    dropped: torch.Tensor | None = None  # flat indices just dropped (CTRE-sim)
-    params: dict = field(default_factory=dict)  # the algorithm's knobs at this update (lam, tau, ...)
 
 
 def select_extreme(scores: torch.Tensor, k: int, generator: torch.Generator, largest: bool) -> torch.Tensor:
@@ -139,22 +124,15 @@ def first_occurrences(values: torch.Tensor) -> torch.Tensor:
     return order[first].sort().values
 
 
-# -- drop --------------------------------------------------------------------------------------
-def _count(fraction: float, n: int, signals: LayerSignals | None) -> int:
-    rounding = signals.params.get("rounding", "floor") if signals is not None else "floor"
-    return min(n, math.ceil(fraction * n) if rounding == "ceil" else math.floor(fraction * n))
-
-
+# -- drop: functions of tensors ----------------------------------------------------------------
 def drop_by_magnitude(
-    values: torch.Tensor, fraction: float, generator: torch.Generator, signals: LayerSignals | None = None
+    values: torch.Tensor, fraction: float, generator: torch.Generator, rounding: str = "floor"
 ) -> torch.Tensor:
     """RigL, SNFS: the floor (SNFS: ceil) of fraction * nnz live weights with the smallest |w|."""
-    return select_extreme(values.abs(), _count(fraction, values.numel(), signals), generator, largest=False)
+    return select_extreme(values.abs(), drop_count(fraction, values.numel(), rounding), generator, largest=False)
 
 
-def drop_by_signed_magnitude(
-    values: torch.Tensor, fraction: float, generator: torch.Generator, signals: LayerSignals | None = None
-) -> torch.Tensor:
+def drop_by_signed_magnitude(values: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
     """SET: per sign, the `fraction` of live weights closest to zero: floor(zeta n_pos) smallest
     positives and floor(zeta n_neg) largest (closest-to-zero) negatives. Live exact zeros count
     as positive."""
@@ -171,42 +149,73 @@ def drop_by_signed_magnitude(
 
 
 def drop_by_magnitude_and_gradient(
-    values: torch.Tensor, fraction: float, generator: torch.Generator, signals: LayerSignals | None = None
+    values: torch.Tensor,
+    fraction: float,
+    generator: torch.Generator,
+    live_grad: torch.Tensor | None,
+    lam: float,
+    rounding: str = "floor",
 ) -> torch.Tensor:
     """MEST: the floor(fraction * nnz) live weights with the smallest |w| + lam |grad w|
     (gradient of the last mini-batch; lam = 0 is magnitude only, MEST's code default)."""
-    lam = signals.params.get("lam", 0.0) if signals is not None else 0.0
     score = values.abs()
-    if lam and signals is not None and signals.live_grad is not None:
-        score = score + lam * signals.live_grad.abs().to(score.device)
-    return select_extreme(score, _count(fraction, values.numel(), signals), generator, largest=False)
+    if lam and live_grad is not None:
+        score = score + lam * live_grad.abs().to(score.device)
+    return select_extreme(score, drop_count(fraction, values.numel(), rounding), generator, largest=False)
 
 
 def drop_by_noisy_magnitude(
-    values: torch.Tensor, fraction: float, generator: torch.Generator, signals: LayerSignals | None = None
+    values: torch.Tensor, fraction: float, generator: torch.Generator, noise: float, rounding: str = "floor"
 ) -> torch.Tensor:
-    """CTRE: the floor(fraction * nnz) smallest |w| + N(0, noise^2) (noise = 1e-5 by default)."""
-    noise = signals.params.get("drop_noise", 1e-5) if signals is not None else 1e-5
+    """CTRE: the floor(fraction * nnz) smallest |w| + N(0, noise^2)."""
     score = values.abs() + noise * torch.randn(values.numel(), generator=generator).to(values.device)
-    return select_extreme(score, _count(fraction, values.numel(), signals), generator, largest=False)
+    return select_extreme(score, drop_count(fraction, values.numel(), rounding), generator, largest=False)
 
 
 def drop_by_attention(
-    values: torch.Tensor, fraction: float, generator: torch.Generator, signals: LayerSignals | None = None
+    values: torch.Tensor, fraction: float, generator: torch.Generator, src_importance: torch.Tensor
 ) -> torch.Tensor:
     """WAST: SET's sign split on z = w * importance(input neuron of w): per sign, the `fraction`
     of live weights with the smallest |w| * importance (importance > 0)."""
-    if signals is None or signals.src_importance is None:
-        raise RuntimeError("attention drop needs the importance of every live weight's input neuron")
-    return drop_by_signed_magnitude(values * signals.src_importance.to(values.device), fraction, generator)
+    return drop_by_signed_magnitude(values * src_importance.to(values.device), fraction, generator)
 
 
-# -- grow --------------------------------------------------------------------------------------
-def grow_random(signals: LayerSignals, candidates: Candidates, n: int, generator: torch.Generator) -> torch.Tensor:
-    """SET: uniformly random empty positions."""
-    return select_random(candidates, n, generator)
+def drop_stochastic_normalised(
+    values: torch.Tensor,
+    fraction: float,
+    generator: torch.Generator,
+    flat: torch.Tensor,
+    shape: tuple[int, ...],
+    tau: float,
+    normalised: bool = True,
+    protected: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DAST2: floor(fraction * nnz) live weights drawn without replacement with probability
+    proportional to u^(-1/tau), u = |w| / mean |w| of the live weights into the same output
+    neuron (plain |w| without `normalised`), so every neuron loses its relatively weakest
+    weights rather than the layer its smallest ones. tau = 0 is the deterministic smallest u.
+    Positions of `protected` (a bool per live weight, e.g. grown at the previous update) are
+    never drawn; the count is capped at the unprotected weights."""
+    count = drop_count(fraction, values.numel())
+    score = values.abs().double()
+    if normalised and values.numel():
+        out, _ = weight_neurons(flat.to(values.device), shape)
+        total = torch.zeros(shape[0], dtype=torch.float64, device=values.device).index_add_(0, out, score)
+        live = torch.zeros(shape[0], dtype=torch.float64, device=values.device).index_add_(
+            0, out, torch.ones_like(score)
+        )
+        score = score / (total / live.clamp_min(1))[out].clamp_min(1e-30)
+    if tau > 0:  # Gumbel-top-k on -log(u) / tau: a draw with p ~ u^(-1/tau)
+        uniform = torch.rand(values.numel(), generator=generator, dtype=torch.float64).clamp_min(1e-300)
+        gumbel = -torch.log(-torch.log(uniform)).to(values.device)
+        score = torch.log(score.clamp_min(1e-300)) / tau - gumbel  # smallest keys are drawn
+    if protected is not None and bool(protected.any()):
+        score = torch.where(protected.to(values.device), torch.full_like(score, math.inf), score)
+        count = min(count, int((~protected).sum()))
+    return select_extreme(score, count, generator, largest=False)
 
 
+# -- grow: functions of tensors ----------------------------------------------------------------
 def top_scores(chunks: ScoreChunks, candidates: Candidates, n: int, generator: torch.Generator) -> torch.Tensor:
     """The n empty positions with the largest scores. The scores arrive in chunks (a truly
     sparse layer computes them a block of rows at a time); only the best n candidates are kept
@@ -245,30 +254,6 @@ def sampled_scores(
     return top_scores(keyed, candidates, n, generator)
 
 
-def _needs(signals: LayerSignals, name: str, what: str) -> ScoreChunks:
-    chunks = getattr(signals, name)
-    if chunks is None:
-        raise RuntimeError(f"{what} growth needs signals the engine did not gather for this update")
-    return chunks
-
-
-def _abs(chunks: ScoreChunks) -> ScoreChunks:
-    return lambda: ((flat, values.abs()) for flat, values in chunks())
-
-
-def grow_by_gradient(signals: LayerSignals, candidates: Candidates, n: int, generator: torch.Generator) -> torch.Tensor:
-    """RigL: the empty positions with the largest |dense gradient| of the current mini-batch."""
-    if signals.dense_grad_chunks is None:
-        raise RuntimeError("gradient growth needs the dense gradient of the update step; none was captured")
-    return top_scores(_abs(signals.dense_grad_chunks), candidates, n, generator)
-
-
-def grow_by_score(signals: LayerSignals, candidates: Candidates, n: int, generator: torch.Generator) -> torch.Tensor:
-    """SNFS (|momentum|), CTRE (|cosine similarity|), WAST (importance(src) x importance(dst)):
-    the empty positions with the largest score."""
-    return top_scores(_needs(signals, "score_chunks", "score"), candidates, n, generator)
-
-
 def excluding(candidates: Candidates, taken: torch.Tensor) -> Candidates:
     """The candidates without the flat indices `taken`."""
     taken = taken.sort().values
@@ -284,70 +269,463 @@ def excluding(candidates: Candidates, taken: torch.Tensor) -> Candidates:
     return Candidates(candidates.size, candidates.count - inside, contains)
 
 
+def abs_chunks(chunks: ScoreChunks) -> ScoreChunks:
+    return lambda: ((flat, values.abs()) for flat, values in chunks())
+
+
 def grow_by_score_sim(
-    signals: LayerSignals, candidates: Candidates, n: int, generator: torch.Generator
+    score_chunks: ScoreChunks, candidates: Candidates, n: int, generator: torch.Generator, dropped: torch.Tensor | None
 ) -> torch.Tensor:
     """CTRE-sim: grow by score, but every just-dropped connection the score picks again is
     replaced by a uniformly random empty one (never a just-dropped one)."""
-    grown = grow_by_score(signals, candidates, n, generator)
-    if signals.dropped is None or not grown.numel():
+    grown = top_scores(score_chunks, candidates, n, generator)
+    if dropped is None or not grown.numel():
         return grown
-    again = torch.isin(grown, signals.dropped.to(grown.device))
+    again = torch.isin(grown, dropped.to(grown.device))
     kept = grown[~again]
     if bool(again.any()):
-        pool = excluding(candidates, torch.cat([grown, signals.dropped.to(grown.device)]))
+        pool = excluding(candidates, torch.cat([grown, dropped.to(grown.device)]))
         kept = torch.cat([kept, select_random(pool, int(again.sum()), generator).to(kept.device)])
     return kept
 
 
-def grow_sampled(signals: LayerSignals, candidates: Candidates, n: int, generator: torch.Generator) -> torch.Tensor:
-    """Randomized attention (DAST): a share `epsilon` of the n connections uniformly at random
+def grow_sampled(
+    score_chunks: ScoreChunks,
+    candidates: Candidates,
+    n: int,
+    generator: torch.Generator,
+    tau: float,
+    random_share: float,
+) -> torch.Tensor:
+    """Randomized attention (DAST): a `random_share` of the n connections uniformly at random
     (CTRE's exploration), the rest sampled with probability proportional to score^(1/tau)
-    (WAST's attention, made stochastic). epsilon = 1 is SET's random growth; tau -> 0 with
-    epsilon = 0 is WAST's deterministic top-n."""
-    epsilon, tau = float(signals.params.get("epsilon", 0.0)), float(signals.params.get("tau", 0.0))
-    n_random = min(n, round(epsilon * n))
+    (WAST's attention, made stochastic). random_share = 1 is SET's random growth; tau -> 0 with
+    random_share = 0 is WAST's deterministic top-n."""
+    n_random = min(n, round(random_share * n))
     chosen = select_random(candidates, n_random, generator) if n_random else torch.empty(0, dtype=torch.long)
     if n_random == n:
         return chosen
     rest = excluding(candidates, chosen) if n_random else candidates
-    sampled = sampled_scores(_needs(signals, "score_chunks", "sampled"), rest, n - n_random, generator, tau)
+    sampled = sampled_scores(score_chunks, rest, n - n_random, generator, tau)
     return torch.cat([chosen.to(sampled.device), sampled])
 
 
-DropFn = Callable[..., torch.Tensor]  # (values, fraction, generator, signals=None) -> positions in values
-GrowFn = Callable[[LayerSignals, Candidates, int, torch.Generator], torch.Tensor]
+def grow_from_candidates(
+    score_chunks: ScoreChunks,
+    candidates: Candidates,
+    n: int,
+    generator: torch.Generator,
+    grad_at,
+    multiple: float,
+    tau: float,
+    random_share: float,
+) -> torch.Tensor:
+    """DAST2's growth: a candidate set of ceil(multiple * n) empty positions, a `random_share`
+    of it uniform and the rest sampled with p ~ score^(1/tau) (`grow_sampled`), then the n
+    candidates with the largest |exact gradient| (`grad_at`, computed for the candidates only).
+    multiple = 1 grows the sampled candidates themselves; a uniform candidate set
+    (random_share = 1) is GSE's; tau -> 0 with no random share takes the candidates with the
+    largest scores."""
+    m = min(candidates.count, max(n, math.ceil(multiple * n)))
+    pool = grow_sampled(score_chunks, candidates, m, generator, tau, random_share)
+    if pool.numel() <= n:
+        return pool
+    salt = int(torch.randint(2**62, (1,), generator=generator))
+    gradient = grad_at(pool).abs().to(pool.device)
+    return pool[select_top_keyed(gradient, pool, salt, n)]
 
-DROP_CRITERIA: dict[str, DropFn] = {
-    "magnitude": drop_by_magnitude,
-    "signed-magnitude": drop_by_signed_magnitude,
-    "magnitude-gradient": drop_by_magnitude_and_gradient,
-    "noisy-magnitude": drop_by_noisy_magnitude,
-    "attention": drop_by_attention,
-}
-GROW_CRITERIA: dict[str, GrowFn] = {
-    "random": grow_random,
-    "gradient": grow_by_gradient,
-    "momentum": grow_by_score,
-    "similarity": grow_by_score,
-    "similarity-sim": grow_by_score_sim,
-    "attention": grow_by_score,
-    "sampled-attention": grow_sampled,
-}
-# Which signals a criterion needs the engine to gather.
-GROW_NEEDS: dict[str, set[str]] = {
-    "random": set(),
-    "gradient": {"dense_grad"},
-    "momentum": {"momentum"},
-    "similarity": {"activations"},
-    "similarity-sim": {"activations"},
-    "attention": {"importance"},
-    "sampled-attention": {"importance"},
-}
-DROP_NEEDS: dict[str, set[str]] = {
-    "magnitude": set(),
-    "signed-magnitude": set(),
-    "magnitude-gradient": {"live_grad"},
-    "noisy-magnitude": set(),
-    "attention": {"importance"},
-}
+
+def grown_by_share(dropped: dict[str, torch.Tensor], weight: dict[str, float], free: dict[str, int]) -> dict[str, int]:
+    """The dropped connections of all layers shared across them in proportion to `weight`,
+    capped at each layer's `free` positions, the rest re-shared until every one is placed."""
+    total = sum(d.numel() for d in dropped.values())
+    alloc = dict.fromkeys(dropped, 0)
+    open_layers = [name for name in dropped if free[name] > 0]
+    while sum(alloc.values()) < total and open_layers:
+        remaining = total - sum(alloc.values())
+        mass = sum(weight[n] for n in open_layers)
+        share = {n: (weight[n] / mass if mass > 0 else 1 / len(open_layers)) * remaining for n in open_layers}
+        floors = {n: math.floor(v) for n, v in share.items()}
+        leftover = remaining - sum(floors.values())
+        for n in sorted(open_layers, key=lambda n: share[n] - floors[n], reverse=True)[:leftover]:
+            floors[n] += 1
+        for n in open_layers:
+            alloc[n] += min(floors[n], free[n] - alloc[n])
+        open_layers = [n for n in open_layers if alloc[n] < free[n]]
+    return alloc
+
+
+def _scores(signals: LayerSignals, what: str) -> ScoreChunks:
+    if signals.score_chunks is None:
+        raise RuntimeError(f"{what} growth needs scores the engine did not gather for this update")
+    return signals.score_chunks
+
+
+def _check_rounding(rounding: str) -> None:
+    if rounding not in ("floor", "ceil"):
+        raise ValueError(f"unknown rounding {rounding!r}; choose from: floor, ceil")
+
+
+def _check_unit(part, *names: str) -> None:
+    for name in names:
+        if not 0.0 <= getattr(part, name) <= 1.0:
+            raise ValueError(f"{name} {getattr(part, name)!r} must be in [0, 1]")
+
+
+ROUNDING_HELP = "drop count per layer: floor or ceil (SNFS) of the drop fraction times the live weights"
+
+
+# -- drop criteria ------------------------------------------------------------------------------
+@register_drop("magnitude")
+@dataclass
+class MagnitudeDrop(DropCriterion):
+    """RigL, SNFS: the live weights with the smallest |w|."""
+
+    rounding: str = knob("floor", ROUNDING_HELP)
+
+    def __post_init__(self):
+        _check_rounding(self.rounding)
+
+    def select(self, values, fraction, generator, signals):
+        return drop_by_magnitude(values, fraction, generator, self.rounding)
+
+
+@register_drop("signed-magnitude")
+@dataclass
+class SignedMagnitudeDrop(DropCriterion):
+    """SET: per sign, the live weights closest to zero."""
+
+    def select(self, values, fraction, generator, signals):
+        return drop_by_signed_magnitude(values, fraction, generator)
+
+
+@register_drop("magnitude-gradient")
+@dataclass
+class MagnitudeGradientDrop(DropCriterion):
+    """MEST: the live weights with the smallest |w| + drop_lambda |grad w|."""
+
+    drop_lambda: float = knob(0.0, "mest: drop by |w| + lambda |grad| (0: magnitude only)")
+    rounding: str = knob("floor", ROUNDING_HELP)
+
+    def __post_init__(self):
+        _check_rounding(self.rounding)
+        if self.drop_lambda < 0:
+            raise ValueError(f"drop_lambda {self.drop_lambda!r} must be >= 0")
+
+    @property
+    def needs(self) -> dict[str, dict]:
+        return {"live_grad": {}}
+
+    def select(self, values, fraction, generator, signals):
+        return drop_by_magnitude_and_gradient(
+            values, fraction, generator, signals.live_grad, self.drop_lambda, self.rounding
+        )
+
+
+@register_drop("noisy-magnitude")
+@dataclass
+class NoisyMagnitudeDrop(DropCriterion):
+    """CTRE: the live weights with the smallest |w| plus a little Gaussian noise."""
+
+    drop_noise: float = knob(1e-5, "ctre: std of the noise added to |w| before dropping")
+    rounding: str = knob("floor", ROUNDING_HELP)
+
+    def __post_init__(self):
+        _check_rounding(self.rounding)
+        if self.drop_noise < 0:
+            raise ValueError(f"drop_noise {self.drop_noise!r} must be >= 0")
+
+    def select(self, values, fraction, generator, signals):
+        return drop_by_noisy_magnitude(values, fraction, generator, self.drop_noise, self.rounding)
+
+
+@register_drop("attention")
+@dataclass
+class AttentionDrop(DropCriterion):
+    """WAST: per sign, the live weights with the smallest |w| x importance(input neuron)."""
+
+    @property
+    def needs(self) -> dict[str, dict]:
+        return {"importance": {}}
+
+    def select(self, values, fraction, generator, signals):
+        if signals.src_importance is None:
+            raise RuntimeError("attention drop needs the importance of every live weight's input neuron")
+        return drop_by_attention(values, fraction, generator, signals.src_importance)
+
+
+@register_drop("stochastic-normalised")
+@dataclass
+class StochasticNormalisedDrop(DropCriterion):
+    """DAST2: live weights drawn with p ~ (|w| / its output neuron's mean |w|)^(-1/drop_tau);
+    connections grown at the previous update are kept one more update (`protect_grown`)."""
+
+    drop_tau: float = knob(0.25, "dast2: drop temperature (0 = deterministic smallest normalised |w|)")
+    neuron_normalised: bool = knob(True, "dast2: divide |w| by the mean |w| into the same output neuron")
+    protect_grown: bool = knob(True, "dast2: connections grown at the previous update cannot be dropped")
+
+    def __post_init__(self):
+        if self.drop_tau < 0:
+            raise ValueError(f"drop_tau {self.drop_tau!r} must be >= 0")
+
+    def select(self, values, fraction, generator, signals):
+        if signals.flat is None or signals.shape is None:
+            raise RuntimeError("normalised drop needs the live weights' flat indices and the layer's shape")
+        protected = None
+        if self.protect_grown and signals.last_grown is not None and signals.last_grown.numel():
+            protected = torch.isin(signals.flat, signals.last_grown.to(signals.flat.device))
+        return drop_stochastic_normalised(
+            values, fraction, generator, signals.flat, signals.shape, self.drop_tau, self.neuron_normalised, protected
+        )
+
+
+# -- grow criteria ------------------------------------------------------------------------------
+@register_grow("random")
+@dataclass
+class RandomGrow(GrowCriterion):
+    """SET: uniformly random empty positions."""
+
+    def select(self, signals, candidates, n, generator):
+        return select_random(candidates, n, generator)
+
+
+@register_grow("gradient")
+@dataclass
+class GradientGrow(GrowCriterion):
+    """RigL: the empty positions with the largest |dense gradient| of the update step's mini-batch."""
+
+    regrown_is_kept: bool = knob(
+        False, "gradient growth: a just-dropped position grown again is kept unchanged (RigL), not new"
+    )
+
+    @property
+    def needs(self) -> dict[str, dict]:
+        return {"dense_grad": {}}
+
+    def select(self, signals, candidates, n, generator):
+        if signals.dense_grad_chunks is None:
+            raise RuntimeError("gradient growth needs the dense gradient of the update step; none was captured")
+        return top_scores(abs_chunks(signals.dense_grad_chunks), candidates, n, generator)
+
+    def reconcile(self, dropped, grown):
+        """With `regrown_is_kept`, as in RigL's reference code, a position both dropped and grown
+        stays: its value and optimizer state unchanged."""
+        if not self.regrown_is_kept:
+            return dropped, grown
+        return dropped[~torch.isin(dropped, grown)], grown[~torch.isin(grown, dropped)]
+
+
+@register_grow("momentum")
+@dataclass
+class MomentumGrow(GrowCriterion):
+    """SNFS: the empty positions with the largest |momentum| of the dense gradient; with
+    `redistribute`, the layers' growth is shared by their mean |momentum| over live weights."""
+
+    scores_from = "momentum"
+    momentum_beta: float = knob(0.9, "snfs: decay of the dense gradient momentum")
+    redistribute: bool = knob(True, "snfs: share growth across layers by their mean |momentum|")
+
+    def __post_init__(self):
+        if not 0.0 <= self.momentum_beta < 1.0:
+            raise ValueError(f"momentum_beta {self.momentum_beta!r} must be in [0, 1)")
+
+    @property
+    def needs(self) -> dict[str, dict]:
+        return {"momentum": {"beta": self.momentum_beta}}
+
+    def select(self, signals, candidates, n, generator):
+        return top_scores(_scores(signals, "momentum"), candidates, n, generator)
+
+    def counts(self, dropped, live, layers, gathered):
+        """As many as dropped per layer, or with `redistribute` the total shared across layers
+        in proportion to their mean |momentum| over the live weights before the drop."""
+        if not self.redistribute:
+            return super().counts(dropped, live, layers, gathered)
+        momentum = gathered["momentum"]
+        weight = {name: momentum.mean_abs_live(name, live[name]) for name in dropped}
+        free = {name: layers[name].size - layers[name].nnz + dropped[name].numel() for name in dropped}
+        return grown_by_share(dropped, weight, free)
+
+
+@register_grow("similarity")
+@dataclass
+class SimilarityGrow(GrowCriterion):
+    """CTRE: between the neurons with the most similar recent activations (|cosine|); with
+    `switch_patience` (CTRE-seq), at random once the training accuracy stops improving."""
+
+    scores_from = "activations"
+    activation_samples: int = knob(1024, "ctre: recent training samples for activation similarity")
+    switch_patience: int | None = knob(
+        None, "ctre-seq: epochs without better training accuracy before random growth (default: never)"
+    )
+    best: float | None = field(default=None, init=False)
+    since: int = field(default=0, init=False)
+    switched: bool = field(default=False, init=False)
+
+    def __post_init__(self):
+        if self.activation_samples < 2:
+            raise ValueError(f"activation_samples {self.activation_samples!r} must be >= 2")
+        if self.switch_patience is not None and self.switch_patience < 1:
+            raise ValueError(f"switch_patience {self.switch_patience!r} must be a positive number of epochs")
+
+    @property
+    def needs(self) -> dict[str, dict]:
+        return {"activations": {"samples": self.activation_samples}}
+
+    def select(self, signals, candidates, n, generator):
+        if self.switched:
+            return select_random(candidates, n, generator)
+        return top_scores(_scores(signals, "similarity"), candidates, n, generator)
+
+    def observe_epoch(self, metric: float) -> None:
+        if self.switch_patience is None or self.switched:
+            return
+        if self.best is None or metric > self.best:
+            self.best, self.since = float(metric), 0
+        else:
+            self.since += 1
+        self.switched = self.since >= self.switch_patience
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "since": self.since, "switched": self.switched}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.since, self.switched = state["best"], state["since"], state["switched"]
+
+
+@register_grow("similarity-sim")
+@dataclass
+class SimilaritySimGrow(SimilarityGrow):
+    """CTRE-sim: similarity growth, a just-dropped connection picked again replaced at random."""
+
+    def select(self, signals, candidates, n, generator):
+        if self.switched:
+            return select_random(candidates, n, generator)
+        return grow_by_score_sim(_scores(signals, "similarity"), candidates, n, generator, signals.dropped)
+
+
+@register_grow("attention")
+@dataclass
+class AttentionGrow(GrowCriterion):
+    """WAST: the empty positions with the largest importance(src) x importance(dst)."""
+
+    scores_from = "importance"
+    importance_lambda: float = knob(0.4, "wast/dast: weight of the gradient term vs the |w| term of neuron importance")
+    importance_decay: float = knob(1.0, "wast/dast: importance decay per batch (1 = WAST's running sum)")
+
+    def __post_init__(self):
+        _check_unit(self, "importance_lambda")
+        if not 0.0 < self.importance_decay <= 1.0:
+            raise ValueError(f"importance_decay {self.importance_decay!r} must be in (0, 1]")
+
+    @property
+    def needs(self) -> dict[str, dict]:
+        return {"importance": {"lam": self.importance_lambda, "decay": self.importance_decay}}
+
+    def select(self, signals, candidates, n, generator):
+        return top_scores(_scores(signals, "attention"), candidates, n, generator)
+
+
+@register_grow("sampled-attention")
+@dataclass
+class SampledAttentionGrow(AttentionGrow):
+    """DAST, randomized attention: a share of the growth uniformly at random, the rest sampled
+    with p ~ importance score^(1/tau); tau and the random share annealed (cosine) over the
+    schedule's updates."""
+
+    tau_start: float = knob(0.0, "dast: growth sampling temperature at the start (0 = deterministic top-k)")
+    tau_end: float = knob(0.0, "dast: sampling temperature at the end of the updates")
+    random_start: float = knob(0.0, "dast: share of uniformly random growth at the start")
+    random_end: float = knob(0.0, "dast: share of uniformly random growth at the end of the updates")
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_unit(self, "random_start", "random_end")
+        for name in ("tau_start", "tau_end"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} {getattr(self, name)!r} must be >= 0")
+
+    def tau(self, progress: float) -> float:
+        return cosine(self.tau_start, self.tau_end, progress)
+
+    def random_share(self, progress: float) -> float:
+        return cosine(self.random_start, self.random_end, progress)
+
+    def select(self, signals, candidates, n, generator):
+        progress = signals.progress
+        scores = _scores(signals, "sampled")
+        return grow_sampled(scores, candidates, n, generator, self.tau(progress), self.random_share(progress))
+
+    def record(self, progress: float) -> dict:
+        return {"tau": self.tau(progress), "random_share": self.random_share(progress)}
+
+
+@register_grow("supervised-attention")
+@dataclass
+class SupervisedAttentionGrow(GrowCriterion):
+    """DAST2: candidates sampled by supervised attention I_src x I_dst (activation x error
+    magnitude, moving averages) plus a random share, then the largest exact gradients among them
+    (`grow_from_candidates`); tau and the random share annealed (cosine) over the updates; with
+    `redistribute_attention`, the growth is shared across layers by their mean attention score
+    over live weights (a bound on their mean |gradient|, as SNFS shares by mean |momentum|)."""
+
+    scores_from = "activity"
+    activity_beta: float = knob(0.9, "dast2: decay of the moving averages of activation and error magnitudes")
+    candidate_multiple: float = knob(
+        10.0, "dast2: candidate set size as a multiple of the connections to grow (1 = grow the sampled ones)"
+    )
+    tau_start: float = knob(0.0, "dast: growth sampling temperature at the start (0 = deterministic top-k)")
+    tau_end: float = knob(0.0, "dast: sampling temperature at the end of the updates")
+    random_start: float = knob(0.0, "dast: share of uniformly random growth at the start")
+    random_end: float = knob(0.0, "dast: share of uniformly random growth at the end of the updates")
+    redistribute_attention: bool = knob(
+        False, "dast2: share growth across layers by their mean attention score over live weights"
+    )
+
+    def __post_init__(self):
+        _check_unit(self, "random_start", "random_end")
+        for name in ("tau_start", "tau_end"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} {getattr(self, name)!r} must be >= 0")
+        if not 0.0 <= self.activity_beta < 1.0:
+            raise ValueError(f"activity_beta {self.activity_beta!r} must be in [0, 1)")
+        if self.candidate_multiple < 1.0:
+            raise ValueError(f"candidate_multiple {self.candidate_multiple!r} must be >= 1")
+
+    @property
+    def needs(self) -> dict[str, dict]:
+        return {"activity": {"beta": self.activity_beta}}
+
+    def tau(self, progress: float) -> float:
+        return cosine(self.tau_start, self.tau_end, progress)
+
+    def random_share(self, progress: float) -> float:
+        return cosine(self.random_start, self.random_end, progress)
+
+    def select(self, signals, candidates, n, generator):
+        if signals.grad_at is None:
+            raise RuntimeError("supervised-attention growth needs the last batch's activations and errors")
+        progress = signals.progress
+        return grow_from_candidates(
+            _scores(signals, "supervised-attention"),
+            candidates,
+            n,
+            generator,
+            signals.grad_at,
+            self.candidate_multiple,
+            self.tau(progress),
+            self.random_share(progress),
+        )
+
+    def counts(self, dropped, live, layers, gathered):
+        """As many as dropped per layer, or with `redistribute_attention` the total shared across
+        layers in proportion to their mean I_src x I_dst over the live weights before the drop."""
+        if not self.redistribute_attention:
+            return super().counts(dropped, live, layers, gathered)
+        activity = gathered["activity"]
+        weight = {name: activity.mean_live_score(name, live[name]) for name in dropped}
+        free = {name: layers[name].size - layers[name].nnz + dropped[name].numel() for name in dropped}
+        return grown_by_share(dropped, weight, free)
+
+    def record(self, progress: float) -> dict:
+        return {"tau": self.tau(progress), "random_share": self.random_share(progress)}

@@ -5,19 +5,27 @@
 
       I <- decay * I + lam * e / mean(e) + (1 - lam) * s / mean(s)
 
-  e = mean over the batch of |a * dL/da| for the neuron's activation a (gradient x input: the
-  first-order estimate of how much the loss changes if the neuron is silenced; the supervised
-  form of WAST's loss-driven term: like WAST's reconstruction error it is zero for an input that
-  never varies from zero, e.g. an empty border pixel, whereas |dL/da| alone is not), s = sum of
-  |w| over the neuron's live weights (WAST's strength term). Each term is divided by its mean over the layer's neurons so that lam weighs
-  quantities of the same scale (a gradient and a weight sum differ by orders of magnitude).
-  decay = 1 is WAST's ever-growing sum; decay < 1 forgets old batches.
+  e = mean over the batch of |(a - E[a]) * dL/da| for the neuron's activation a, E[a] its mean
+  over the batch (centred gradient x input: the first-order change of the loss if the neuron is
+  replaced by its mean). An input that never varies, e.g. an empty border pixel, gets e = 0
+  whatever constant standardisation made of it (about -0.81 for Fashion-MNIST standardised per
+  channel); plain gradient x input |a * dL/da| would count such a constant as a second bias.
+  s = sum of |w| over the neuron's live weights (WAST's strength term). Each term is divided by
+  its mean over the layer's neurons so that lam weighs quantities of the same scale (a gradient
+  and a weight sum differ by orders of magnitude). decay = 1 is WAST's ever-growing sum;
+  decay < 1 forgets old batches.
+- `NeuronActivity` (DAST2): supervised attention in raw units, per sparse Linear layer: a moving
+  average of the centred activation magnitude |a - E[a]| of every input neuron (I_src) and of
+  the back-propagated error magnitude |dL/dz| of every output neuron (I_dst), whose product
+  bounds the gradient of a connection between them; and the last batch's activations and errors,
+  from which the exact gradient at a few chosen positions is computed without a dense gradient.
 - `ActivationBuffer` (CTRE): the most recent inputs and outputs of each sparse Linear layer,
   for the cosine similarity of neuron activations.
 - `DenseMomentum` (SNFS): an exponential moving average of the dense gradient at every position.
 
-A neuron of a Conv2d layer is a channel (statistics averaged over batch and space); a weight
-connects input channel i to output channel o at every kernel position.
+A neuron of a Conv2d layer is a channel (statistics averaged over batch and space; E[a] is the
+batch mean at every position); a weight connects input channel i to output channel o at every
+kernel position.
 """
 
 from __future__ import annotations
@@ -28,8 +36,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from neuroplast.sparse.csr import CHUNK_ELEMENTS  # scores are computed a block this size at a time
-from neuroplast.sparse.layer import SparseLayer
+from neuroplast.sparse.layer import CHUNK_ELEMENTS, SparseLayer  # scores come a block this size at a time
 
 
 def _per_neuron(tensor: torch.Tensor, conv: bool) -> torch.Tensor:
@@ -38,6 +45,12 @@ def _per_neuron(tensor: torch.Tensor, conv: bool) -> torch.Tensor:
     if conv:
         return t.transpose(0, 1).reshape(t.shape[1], -1).mean(1)
     return t.reshape(-1, t.shape[-1]).mean(0)
+
+
+def centred(activation: torch.Tensor) -> torch.Tensor:
+    """a - E[a]: each neuron's activation minus its mean over the batch (over the batch at every
+    position for a conv layer or a token sequence). Zero for an input that never varies."""
+    return activation - activation.mean(0, keepdim=True)
 
 
 def _normalised(term: torch.Tensor) -> torch.Tensor:
@@ -81,6 +94,12 @@ class _Hooks:
     def active(module: nn.Module) -> bool:
         return module.training and torch.is_grad_enabled()
 
+    def update(self) -> None:
+        """Fold in the batch just trained on (call after the optimizer step)."""
+
+    def reset(self, name: str, flat: torch.Tensor) -> None:
+        """Connections at `flat` of layer `name` were just rewired: neuron signals keep going."""
+
 
 class NeuronImportance(_Hooks):
     """Importance of every sparse layer's input and output neurons (see the module docstring)."""
@@ -114,7 +133,7 @@ class NeuronImportance(_Hooks):
     def _make_hook(self, name: str, conv: bool):
         def accumulate(store: dict[str, torch.Tensor], activation: torch.Tensor):
             def hook(grad: torch.Tensor) -> None:
-                value = _per_neuron(activation * grad, conv)
+                value = _per_neuron(centred(activation) * grad, conv)
                 store[name] = store[name] + value if name in store else value
 
             return hook
@@ -150,6 +169,95 @@ class NeuronImportance(_Hooks):
     def score_chunks(self, name: str):
         shape = self.layers[name].shape
         return lambda: outer_chunks(self.dst[name], self.src[name], shape)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {**{f"src.{k}": v for k, v in self.src.items()}, **{f"dst.{k}": v for k, v in self.dst.items()}}
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        for key, value in tensors.items():
+            kind, _, name = key.partition(".")
+            getattr(self, kind)[name] = value.to(getattr(self, kind)[name].device)
+
+
+class NeuronActivity(_Hooks):
+    """Supervised attention of every sparse Linear layer (see the module docstring): moving
+    averages `src` (|a - E[a]| per input neuron) and `dst` (|dL/dz| per output neuron), and the
+    last batch's inputs and output errors for `grad_at`."""
+
+    def __init__(self, layers: dict[str, SparseLayer], beta: float = 0.9):
+        super().__init__(layers)
+        bad = [name for name, layer in layers.items() if len(layer.shape) != 2]
+        if bad:
+            raise ValueError(
+                f"supervised attention is defined for Linear layers only; {', '.join(bad)} is not "
+                "(exclude it, e.g. with dense_first, or choose another method)"
+            )
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"activity beta {beta!r} must be in [0, 1)")
+        self.beta = beta
+        self.src: dict[str, torch.Tensor] = {}
+        self.dst: dict[str, torch.Tensor] = {}
+        self.inputs: dict[str, torch.Tensor] = {}  # the last batch's inputs, (samples, in)
+        self.errors: dict[str, torch.Tensor] = {}  # the last batch's dL/dz, (samples, out)
+        self._fresh: set[str] = set()  # layers whose batch arrived since the last update()
+        for name, layer in layers.items():
+            device = layer.parameter.device
+            self.src[name] = torch.zeros(layer.shape[1], device=device)
+            self.dst[name] = torch.zeros(layer.shape[0], device=device)
+            self.handles.append(layer.module.register_forward_hook(self._make_hook(name)))
+
+    def _make_hook(self, name: str):
+        def keep_error(grad: torch.Tensor) -> None:
+            self.errors[name] = grad.detach().reshape(-1, grad.shape[-1])
+            self._fresh.add(name)
+
+        def forward_hook(module, args, output):
+            if not self.active(module) or not output.requires_grad:
+                return
+            self.inputs[name] = args[0].detach().reshape(-1, args[0].shape[-1])
+            output.register_hook(keep_error)
+
+        return forward_hook
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Fold in the batch just trained on (call after the optimizer step)."""
+        for name in self._fresh:
+            x, error = self.inputs[name].float(), self.errors[name].float()
+            for average, batch in ((self.src, centred(x).abs().mean(0)), (self.dst, error.abs().mean(0))):
+                average[name] = self.beta * average[name] + (1 - self.beta) * batch.to(average[name].device)
+        self._fresh = set()
+
+    def score_chunks(self, name: str):
+        """I_dst[o] * I_src[i] at every position, a block of rows at a time."""
+        shape = self.layers[name].shape
+        return lambda: outer_chunks(self.dst[name], self.src[name], shape)
+
+    def mean_live_score(self, name: str, flat: torch.Tensor) -> float:
+        """Mean of I_dst[o] * I_src[i] over the positions `flat` (a layer's share of growth)."""
+        if not flat.numel():
+            return 0.0
+        out, inp = weight_neurons(flat.to(self.src[name].device), self.layers[name].shape)
+        return float((self.dst[name][out] * self.src[name][inp]).mean())
+
+    def grad_at(self, name: str):
+        """A function: flat positions -> the exact gradient of the last training batch's loss
+        there, sum over samples of dL/dz[o] * a[i], computed for those positions only."""
+        if name not in self.errors:
+            raise RuntimeError(f"layer {name}: no training batch was recorded before this update")
+        x, error = self.inputs[name], self.errors[name]
+        shape = self.layers[name].shape
+        per_block = max(1, CHUNK_ELEMENTS // max(1, x.shape[0]))
+
+        def gradient(flat: torch.Tensor) -> torch.Tensor:
+            out, inp = weight_neurons(flat.to(x.device), shape)
+            parts = [
+                (error[:, out[i : i + per_block]].float() * x[:, inp[i : i + per_block]].float()).sum(0)
+                for i in range(0, flat.numel(), per_block)
+            ]
+            return torch.cat(parts) if parts else torch.zeros(0, device=x.device)
+
+        return gradient
 
     def state(self) -> dict[str, torch.Tensor]:
         return {**{f"src.{k}": v for k, v in self.src.items()}, **{f"dst.{k}": v for k, v in self.dst.items()}}
@@ -247,9 +355,17 @@ class DenseMomentum:
     """SNFS: m <- beta m + (1 - beta) g of the dense gradient at every position, every step.
     Needs the dense gradient of every step, so it runs on the masked backend."""
 
+    dense_grad_every_step = True
+
     def __init__(self, layers: dict[str, SparseLayer], beta: float = 0.9):
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"momentum beta {beta!r} must be in [0, 1)")
+        truly_sparse = [name for name, layer in layers.items() if layer.truly_sparse]
+        if truly_sparse:
+            raise ValueError(
+                f"a dense gradient momentum (snfs) is kept at every position, which a truly sparse layer "
+                f"({truly_sparse[0]}) does not have; use backend 'masked'"
+            )
         self.layers, self.beta = layers, beta
         self.momentum = {
             name: torch.zeros(layer.shape, device=layer.parameter.device) for name, layer in layers.items()
@@ -262,7 +378,11 @@ class DenseMomentum:
                 m = self.momentum[name].view(-1)
                 m[flat] = self.beta * m[flat] + (1 - self.beta) * grad.to(m.device)
 
+    def remove(self) -> None:
+        """No hooks to detach: the momentum reads the gradients the layers keep."""
+
     def reset(self, name: str, flat: torch.Tensor) -> None:
+        """New and dropped connections start from zero momentum."""
         self.momentum[name].view(-1)[flat.to(self.momentum[name].device)] = 0
 
     def mean_abs_live(self, name: str, flat: torch.Tensor) -> float:
@@ -282,3 +402,13 @@ class DenseMomentum:
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
         for name, value in tensors.items():
             self.momentum[name] = value.to(self.momentum[name].device)
+
+
+# The signals the engine gathers for the parts that name them in `needs`, with their settings
+# as keyword arguments; "dense_grad" and "live_grad" are read from the layers directly.
+SIGNALS = {
+    "importance": NeuronImportance,
+    "activity": NeuronActivity,
+    "activations": ActivationBuffer,
+    "momentum": DenseMomentum,
+}

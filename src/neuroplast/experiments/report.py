@@ -1,61 +1,13 @@
-"""Comparison tables (mean ± std over seeds) and learning-curve figures from run folders."""
+"""Study tables (mean ± std over seeds) and figures (learning curves, connectivity) from run folders."""
 
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
 import textwrap
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    import torch
-
-
-def machine(device: str | torch.device = "cpu") -> str:
-    """The hardware that timings come from, in one line for a benchmark's header: for the CPU its
-    model name, the widest vector instruction set PyTorch's kernels use on it, and its cores; for
-    a CUDA device its name."""
-    import torch  # kept local: reading run folders needs no torch
-
-    if torch.device(device).type == "cuda":
-        return f"GPU: {torch.cuda.get_device_name(device)}"
-
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"CPU: {model}, {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores"
-
-
-@dataclass
-class RunResult:
-    folder: Path
-    method: str
-    seed: int
-    density: float
-    epochs: list[int]
-    test_accuracy: list[float]
-    r_s: float
-    seconds: float
-
-
-@dataclass
-class Row:
-    method: str
-    density: float
-    seeds: int
-    final_mean: float
-    final_std: float
-    best_mean: float
-    r_s: float
-    seconds_per_epoch: float
 
 
 def read_run_folder(folder: Path) -> tuple[dict, list[dict]]:
@@ -65,124 +17,8 @@ def read_run_folder(folder: Path) -> tuple[dict, list[dict]]:
     return summary, records
 
 
-def load_run(folder: str | Path) -> RunResult:
-    folder = Path(folder)
-    summary, records = read_run_folder(folder)
-    config = summary["config"]
-    return RunResult(
-        folder=folder,
-        method=config["method"],
-        seed=config["seed"],
-        density=summary["final_density"],
-        epochs=[r["epoch"] for r in records],
-        test_accuracy=[r["test_accuracy"] for r in records],
-        r_s=summary["final_r_s"],
-        seconds=summary["seconds"],
-    )
-
-
 def _std(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def summarize(runs: list[RunResult]) -> list[Row]:
-    """One row per method (in first-seen order), mean ± sample std over seeds."""
-    groups: dict[str, list[RunResult]] = defaultdict(list)
-    for run in runs:
-        groups[run.method].append(run)
-    rows = []
-    for method, group in groups.items():
-        finals = [r.test_accuracy[-1] for r in group]
-        rows.append(
-            Row(
-                method=method,
-                density=statistics.mean(r.density for r in group),
-                seeds=len(group),
-                final_mean=statistics.mean(finals),
-                final_std=_std(finals),
-                best_mean=statistics.mean(max(r.test_accuracy) for r in group),
-                r_s=statistics.mean(r.r_s for r in group),
-                seconds_per_epoch=statistics.mean(r.seconds / len(r.epochs) for r in group),
-            )
-        )
-    return rows
-
-
-def _accuracy(row: Row) -> str:
-    """Mean ± sample std over seeds; one seed has no spread to show."""
-    if row.seeds == 1:
-        return f"{100 * row.final_mean:.2f}"
-    return f"{100 * row.final_mean:.2f} ± {100 * row.final_std:.2f}"
-
-
-def markdown_table(rows: list[Row]) -> str:
-    lines = [
-        "| method | density | seeds | final test acc (%) | best test acc (%) | R_s | s/epoch |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r.method} | {r.density:.3f} | {r.seeds} | {_accuracy(r)} "
-            f"| {100 * r.best_mean:.2f} | {r.r_s:.3f} | {r.seconds_per_epoch:.1f} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def print_table(rows: list[Row], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    for column in ("method", "density", "seeds", "final test acc (%)", "best (%)", "R_s", "s/epoch"):
-        table.add_column(column, justify="left" if column == "method" else "right")
-    for r in rows:
-        table.add_row(
-            r.method,
-            f"{r.density:.3f}",
-            str(r.seeds),
-            _accuracy(r),
-            f"{100 * r.best_mean:.2f}",
-            f"{r.r_s:.3f}",
-            f"{r.seconds_per_epoch:.1f}",
-        )
-    Console().print(table)
-
-
-def plot_learning_curves(runs: list[RunResult], path: str | Path, title: str) -> Path:
-    """Test accuracy per epoch, one line per method (mean over seeds, band = min..max)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups: dict[str, list[RunResult]] = defaultdict(list)
-    for run in runs:
-        groups[run.method].append(run)
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for method, group in groups.items():
-        length = min(len(r.test_accuracy) for r in group)
-        curves = [[100 * a for a in r.test_accuracy[:length]] for r in group]
-        epochs = group[0].epochs[:length]
-        mean = [statistics.mean(c[i] for c in curves) for i in range(length)]
-        label = f"{method} (density {group[0].density:.2f})"
-        (line,) = ax.plot(epochs, mean, marker="o", markersize=3, label=label)
-        if len(group) > 1:
-            low = [min(c[i] for c in curves) for i in range(length)]
-            high = [max(c[i] for c in curves) for i in range(length)]
-            ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2)
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
 
 
 # -- studies: methods x densities x seeds -------------------------------------------------------
@@ -190,7 +26,7 @@ def plot_learning_curves(runs: list[RunResult], path: str | Path, title: str) ->
 
 @dataclass
 class CellResult:
-    """One finished cell of a study, as read from its run folder."""
+    """One finished run (a cell of a study), as read from its run folder."""
 
     folder: Path
     method: str
@@ -206,6 +42,7 @@ class CellResult:
 
 
 def load_cell(folder: str | Path) -> CellResult:
+    """The finished run in `folder` (summary.json and metrics.jsonl): the one loader of run results."""
     folder = Path(folder)
     summary, records = read_run_folder(folder)
     config = summary["config"]
@@ -436,50 +273,18 @@ def plot_study_curves(
     return path
 
 
-def _csr_reads(tensors: dict, prefix: str, in_features: int) -> bool:
-    """Whether the CSR layer at `prefix` has `in_features` columns: its live positions, as flat
-    indices row * in_features + col, must all be among the positions ever live."""
-    import torch
-
-    crow, col = tensors[prefix + "crow"], tensors[prefix + "col"]
-    if col.numel() == 0:
-        return False
-    if int(col.max()) >= in_features:
-        return False
-    ever = tensors.get(prefix + "ever_active")
-    if ever is None:
-        return True
-    rows = torch.repeat_interleave(torch.arange(crow.numel() - 1), crow.diff())
-    return bool(torch.isin(rows * in_features + col, ever).all())
-
-
 def input_connectivity(tensors: dict, in_features: int, layers: list[str] | None = None):
     """Live connections per input feature of the first sparse layer that reads the input, from a
     checkpoint's tensors (model tensors under "model.<state_dict key>"); None if there is none.
 
     layers: the sparse layer names in model order (a checkpoint's tensors may be stored in another
-        order); default: the order of `tensors`. Masked layers: the column sums of `weight_mask`
-        (shape (out, in)); csr layers: the bincount of `col`.
+        order); default: the order of `tensors`.
     """
-    import torch
+    from neuroplast.sparse import connections_per_input
 
-    if layers is not None:
-        prefixes = [f"model.{name}." for name in layers]
-    else:
-        prefixes = []
-        for key in tensors:
-            for suffix in (".weight_mask", ".col"):
-                if key.startswith("model.") and key.endswith(suffix):
-                    prefixes.append(key[: -len(suffix) + 1])
-        prefixes = list(dict.fromkeys(prefixes))
-    for prefix in prefixes:
-        mask = tensors.get(prefix + "weight_mask")
-        if mask is not None:
-            if mask.dim() == 2 and mask.shape[1] == in_features:
-                return mask.to(torch.long).sum(0)
-        elif prefix + "col" in tensors and prefix + "crow" in tensors and _csr_reads(tensors, prefix, in_features):
-            return torch.bincount(tensors[prefix + "col"].to(torch.long), minlength=in_features)
-    return None
+    state = {key.removeprefix("model."): value for key, value in tensors.items() if key.startswith("model.")}
+    counts = connections_per_input(state, in_features)
+    return next((counts[name] for name in (layers if layers is not None else counts) if name in counts), None)
 
 
 def connectivity_image(counts, image_shape: tuple[int, ...] | None = None):

@@ -26,6 +26,7 @@ Config format:
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -33,13 +34,13 @@ from pathlib import Path
 
 from neuroplast.experiments.runner import cached_dataset, run_cells, study_table, workers_setting
 from neuroplast.experiments.study import list_setting
-from neuroplast.federated.config import ALGORITHMS, FederatedConfig
+from neuroplast.federated.config import ALGORITHMS, MASK_MODES, FederatedConfig
 from neuroplast.federated.run import federate
 from neuroplast.federated.topology import TOPOLOGIES
 from neuroplast.train.checkpoint import find_checkpoint
 from neuroplast.train.config import ConfigError, load_toml
 
-STUDY_KEYS = ("algorithms", "topologies", "sampled", "periods", "seeds", "workers", "out")
+STUDY_KEYS = ("algorithms", "topologies", "sampled", "periods", "seeds", "densities", "masks", "workers", "out")
 CELL_KEYS = ("algorithm", "topology", "sampled", "period", "seed")
 DEFAULT_OUT = "runs/semidec"
 
@@ -88,6 +89,15 @@ def parse_semidec_study(
     sampled = list_setting(table, "sampled", "[study]", int, "[10, 20, 50, 100]")
     periods = list_setting(table, "periods", "[study]", int, "[1, 5, 20]")
     seeds = list_setting(table, "seeds", "[study]", int, "[0, 1, 2]")
+    # sparse devices (optional): each density a cell of its own, compared with density 1 in the report
+    densities = list_setting(table, "densities", "[study]", float, "[1.0, 0.1]", required=False) or [None]
+    for d in densities:
+        if d is not None and not 0 < d <= 1:
+            raise ConfigError(f"[study] densities holds {d!r}; each must be in (0, 1], e.g. densities = [1.0, 0.1]")
+    mask_modes = list_setting(table, "masks", "[study]", str, '["per-device", "shared"]', required=False) or [None]
+    for mode in mask_modes:
+        if mode is not None and mode not in MASK_MODES:
+            raise ConfigError(f"unknown masks {mode!r} in [study] masks; choose from: {', '.join(MASK_MODES)}")
     regimes = values.get("regimes", {"default": {}})
     if not isinstance(regimes, dict) or not regimes:
         raise ConfigError("[regimes] must hold at least one [regimes.NAME] table")
@@ -102,8 +112,17 @@ def parse_semidec_study(
             for topology in topologies:
                 for k in sampled:
                     for h in periods:
-                        for algorithm in algorithms:
-                            folder = Path(regime) / topology / f"K{k}-H{h}" / algorithm / f"seed{seed}"
+                        for algorithm, density, mode in itertools.product(algorithms, densities, mask_modes):
+                            # dense devices have no masks: one cell, whatever the modes
+                            if mode is not None and (density is None or density >= 1.0):
+                                if mode != mask_modes[0]:
+                                    continue
+                                mode = None
+                            folder = Path(regime) / topology / f"K{k}-H{h}" / algorithm
+                            if density is not None:
+                                # the folder names a mask mode other than the default (per-device)
+                                shared = mode is not None and mode != FederatedConfig.masks
+                                folder = folder / (f"density{density:g}" + (f"-{mode}" if shared else ""))
                             values_ = {
                                 **run,
                                 **regime_values,
@@ -112,7 +131,10 @@ def parse_semidec_study(
                                 "sampled": k,
                                 "period": h,
                                 "seed": seed,
+                                **({"density": float(density)} if density is not None else {}),
+                                **({"masks": mode} if mode is not None else {}),
                             }
+                            folder = folder / f"seed{seed}"
                             config = FederatedConfig.from_dict(values_, f"cell {folder.as_posix()}").validate()
                             cells.append(Cell(regime, config, out_path / folder, folder.as_posix()))
     return SemidecStudy(out_path, workers_value, list(regimes), cells, source)
@@ -194,8 +216,9 @@ def gap_table(study: SemidecStudy, metric: str) -> list[dict]:
     mean ± std over seeds of each algorithm's late accuracy and of the paired S2S - S2A gap (pp)."""
     key = METRICS[metric][0]
     by_config: dict[tuple, dict[str, dict[int, float]]] = {}
+    densest = max(cell.config.density for cell in study.cells)
     for cell in study.cells:
-        if not is_finished(cell.folder, cell.config):
+        if cell.config.density != densest or not is_finished(cell.folder, cell.config):
             continue
         c = cell.config
         config_key = (cell.regime, c.topology, c.sampled, c.period)
@@ -406,6 +429,75 @@ def plot_semidec_curves(study: SemidecStudy, path: Path) -> Path | None:
     return path
 
 
+def _total_bytes(record: dict) -> int:
+    return record["bytes_d2d"] + record["bytes_d2s"]
+
+
+def _late_within(records: list[dict], key: str, budget: int) -> tuple[float, int]:
+    """Late accuracy of a run cut where its bytes on the wire reach `budget`: the mean of `key`
+    over the evaluations in the last quarter of the rounds it had by then; and those rounds."""
+    within = [r for r in records if _total_bytes(r) <= budget] or records[:1]
+    rounds = within[-1]["round"]
+    late = [r[key] for r in within if r["round"] > LATE * rounds] or [within[-1][key]]
+    return sum(late) / len(late), rounds
+
+
+def sparse_table(study: SemidecStudy) -> list[dict]:
+    """Sparse devices against dense ones: one row per (regime, topology, K, H, algorithm,
+    density < 1) with its dense partner (density 1, the same seeds) finished. Late accuracy at
+    equal rounds (both metrics), bytes on the wire (sparse / dense), and the dense run's late
+    accuracy when it had sent as many bytes as the sparse run sent in all its rounds."""
+    done = {}
+    for cell in study.cells:
+        c = cell.config
+        if is_finished(cell.folder, c):
+            masks = c.masks if c.sparse else None
+            done[(cell.regime, c.topology, c.sampled, c.period, c.algorithm, c.density, masks, c.seed)] = cell
+    groups: dict[tuple, list[dict]] = {}
+    for (regime, topology, k, h, algorithm, density, masks, seed), cell in done.items():
+        dense = done.get((regime, topology, k, h, algorithm, 1.0, None, seed))
+        if density >= 1.0 or dense is None:
+            continue
+        sparse_records, dense_records = _records(cell.folder), _records(dense.folder)
+        sent = _total_bytes(sparse_records[-1])
+        row = {"bytes": sent / _total_bytes(dense_records[-1])}
+        for metric, (key, _) in METRICS.items():
+            row[f"{metric}_sparse"] = 100 * late_accuracy(sparse_records, key, cell.config.rounds)
+            row[f"{metric}_dense"] = 100 * late_accuracy(dense_records, key, dense.config.rounds)
+            at_bytes, rounds = _late_within(dense_records, key, sent)
+            row[f"{metric}_dense_at_bytes"] = 100 * at_bytes
+            row["dense_rounds_at_bytes"] = rounds
+        groups.setdefault((regime, topology, k, h, algorithm, density, masks), []).append(row)
+    rows = []
+    for (regime, topology, k, h, algorithm, density, masks), runs in sorted(groups.items()):
+        row = {"regime": regime, "topology": topology, "sampled": k, "period": h, "algorithm": algorithm}
+        row.update(density=density, masks=masks, seeds=len(runs))
+        for field in runs[0]:
+            row[field] = _mean_std([r[field] for r in runs])
+        for metric in METRICS:
+            row[f"{metric}_gap"] = _mean_std([r[f"{metric}_sparse"] - r[f"{metric}_dense"] for r in runs])
+        rows.append(row)
+    return rows
+
+
+def sparse_markdown(rows: list[dict]) -> str:
+    lines = [
+        "| regime | algorithm | density | masks | seeds | bytes, sparse / dense | local: dense | local: sparse | "
+        "local Δ (pp) | average model: dense | average model: sparse | Δ (pp) | dense at equal bytes: "
+        "local / average model (rounds) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['regime']} | {r['algorithm'].upper()} | {r['density']:g} | {r['masks']} | {r['seeds']} | "
+            f"{100 * r['bytes'][0]:.1f}% | {_pm(r['local_dense'])} | {_pm(r['local_sparse'])} | "
+            f"{_pm(r['local_gap'], sign=True)} | {_pm(r['global_dense'])} | {_pm(r['global_sparse'])} | "
+            f"{_pm(r['global_gap'], sign=True)} | {r['local_dense_at_bytes'][0]:.2f} / "
+            f"{r['global_dense_at_bytes'][0]:.2f} ({r['dense_rounds_at_bytes'][0]:.0f}) |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def write_semidec_report(study: SemidecStudy, log=print) -> list[Path]:
     """semidec.md (gap tables, win shares, the paper's claims), gaps.png and curves.png."""
     study.out.mkdir(parents=True, exist_ok=True)
@@ -425,6 +517,13 @@ def write_semidec_report(study: SemidecStudy, log=print) -> list[Path]:
         parts.append(f"\n## {metric} accuracy: {what}\n\n")
         parts.append(claims_table(rows, study.regimes, devices))
         parts.append("\n<details><summary>every configuration</summary>\n\n" + gap_markdown(rows) + "\n</details>\n")
+    if len({cell.config.density for cell in study.cells}) > 1:
+        parts.append(
+            "\n## Sparse devices against dense ones\n\nLate accuracy at equal rounds, mean ± std over seeds (Δ "
+            "paired by seed); bytes are everything sent D2D and D2S, indices included; the last column is the "
+            "dense run's late accuracy when it had sent the sparse run's bytes.\n\n"
+            + sparse_markdown(sparse_table(study))
+        )
     path = study.out / "semidec.md"
     path.write_text("".join(parts))
     written = [path]

@@ -1,4 +1,6 @@
-"""Studies: methods x densities x seeds (and an optional ablation grid) from one TOML file.
+"""Studies: methods x densities x seeds (and an optional ablation grid), the one way to run a grid
+of training runs: from a TOML file (`neuroplast study`), or as a one-density study of methods x
+seeds (`neuroplast compare`, `neuroplast demo`).
 
 Every cell trains in its own folder, `<out>/<method>/d<density>/seed<seed>` (ablation cells under
 `<out>/ablation/`). A finished cell is never re-run and an interrupted one resumes from its last
@@ -26,18 +28,18 @@ Config format:
 
 from __future__ import annotations
 
+import json
 import math
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from neuroplast.data import DataError, is_available_offline, load_dataset
 from neuroplast.dst import METHODS
-from neuroplast.experiments.runner import cached_dataset, check_keys, run_cells
+from neuroplast.experiments.runner import cached_dataset, check_keys, run_cells, workers_setting
 from neuroplast.train.checkpoint import find_checkpoint, load_checkpoint
 from neuroplast.train.config import ConfigError, RunConfig, load_toml
-from neuroplast.train.grid import is_finished
 from neuroplast.train.trainer import train
 
 Log = Callable[[str], None] | None
@@ -61,7 +63,7 @@ DEFAULT_OUT = "runs/study"
 
 @dataclass
 class Cell:
-    grid: str  # "study" or "ablation"
+    grid: str  # its grid's name
     method: str
     density: float
     seed: int
@@ -72,11 +74,12 @@ class Cell:
 
 @dataclass
 class Grid:
-    name: str  # "study" or "ablation"
+    name: str  # "study" or "ablation" ("compare" for a study made by `compare_study`)
     methods: list[str]
     densities: list[float]
     seeds: list[int]
     baseline: str
+    table: str  # the report's file name for this grid's table
     cells: list[Cell] = field(default_factory=list)
 
 
@@ -89,6 +92,7 @@ class Study:
     heatmap_methods: list[str]
     heatmap_density: float | None
     source: str = "config"
+    curves: str = "curves.png"  # the report's file name for the first grid's learning curves
 
     @property
     def cells(self) -> list[Cell]:
@@ -98,6 +102,29 @@ class Study:
 def density_folder(density: float) -> str:
     """0.05 -> 'd0.05' (the shortest text that reads back as the same float)."""
     return f"d{float(density)!r}"
+
+
+def is_finished(folder: Path, config: RunConfig) -> bool:
+    """True if `folder` holds a finished run of exactly `config` (a changed config is re-run,
+    or refused by `train` if the folder holds a partial run of another config)."""
+    path = folder / "summary.json"
+    if not path.is_file():
+        return False
+    summary = json.loads(path.read_text())
+    saved = summary.get("config")
+    return isinstance(saved, dict) and not config.changed_from(saved) and summary.get("epochs") == config.epochs
+
+
+def _add_cells(grid: Grid, out: Path, root: Path, config_for: Callable[[str, float, int], RunConfig]) -> None:
+    """Fill `grid.cells`: one per (method, density, seed), in `root/<method>/d<density>/seed<seed>`."""
+    for method in grid.methods:
+        for density in grid.densities:
+            for seed in grid.seeds:
+                folder = root / method / density_folder(density) / f"seed{seed}"
+                config = config_for(method, density, seed)
+                grid.cells.append(
+                    Cell(grid.name, method, density, seed, config, folder, folder.relative_to(out).as_posix())
+                )
 
 
 # -- config -----------------------------------------------------------------------------------
@@ -174,14 +201,14 @@ def _run_values(table, where: str) -> dict:
     return table
 
 
-def _uses_cuda(device: str) -> bool:
-    if device == "cuda":
-        return True
+def default_workers(device: str) -> int:
+    """Cells at a time when none is configured: 1 on CUDA, else 2 (or 1 on a single core)."""
+    cuda = device == "cuda"
     if device == "auto":
         import torch
 
-        return torch.cuda.is_available()
-    return False
+        cuda = torch.cuda.is_available()
+    return 1 if cuda else max(1, min(2, os.cpu_count() or 1))
 
 
 def parse_study(
@@ -197,7 +224,7 @@ def parse_study(
     table = check_keys(values["study"], "[study]", STUDY_KEYS)
     methods = _methods(table, "[study]")
     densities, seeds = _densities(table, "[study]"), _seeds(table, "[study]")
-    grids = [Grid("study", methods, densities, seeds, _baseline(table, "[study]", methods))]
+    grids = [Grid("study", methods, densities, seeds, _baseline(table, "[study]", methods), "study.md")]
     if "ablation" in values:
         ablation = check_keys(values["ablation"], "[ablation]", ABLATION_KEYS)
         ablation_methods = _methods(ablation, "[ablation]")
@@ -208,6 +235,7 @@ def parse_study(
                 _densities(ablation, "[ablation]"),
                 _seeds(ablation, "[ablation]"),
                 _baseline(ablation, "[ablation]", ablation_methods),
+                "ablation.md",
             )
         )
     run = _run_values(values.get("run", {}), "[run]")
@@ -220,28 +248,18 @@ def parse_study(
             )
         _run_values(method_table, f"[method.{method}]")
 
-    workers_value = workers if workers is not None else table.get("workers")
-    if workers_value is None:
-        workers_value = 1 if _uses_cuda(run.get("device", RunConfig.device)) else max(1, min(2, os.cpu_count() or 1))
-    if not isinstance(workers_value, int) or isinstance(workers_value, bool) or workers_value < 1:
-        raise ConfigError(f"workers {workers_value!r} must be a positive integer (1 runs the cells in this process)")
+    workers_value = workers_setting(table, workers, default_workers(run.get("device", RunConfig.device)))
     out_value = out if out is not None else table.get("out", DEFAULT_OUT)
     if not isinstance(out_value, (str, Path)) or not str(out_value):
         raise ConfigError(f'out {out_value!r} in [study] must be a folder name, e.g. out = "runs/study"')
     out_path = Path(out_value)
 
+    def config_for(method: str, density: float, seed: int) -> RunConfig:
+        values_ = {**run, **overrides.get(method, {}), "method": method, "density": density, "seed": seed}
+        return RunConfig.from_dict(values_, f"cell {method}/{density_folder(density)}/seed{seed}").validate()
+
     for grid in grids:
-        root = out_path if grid.name == "study" else out_path / "ablation"
-        for method in grid.methods:
-            for density in grid.densities:
-                for seed in grid.seeds:
-                    values_ = {**run, **overrides.get(method, {}), "method": method, "density": density, "seed": seed}
-                    where = f"cell {method}/{density_folder(density)}/seed{seed}"
-                    config = RunConfig.from_dict(values_, where).validate()
-                    folder = root / method / density_folder(density) / f"seed{seed}"
-                    grid.cells.append(
-                        Cell(grid.name, method, density, seed, config, folder, folder.relative_to(out_path).as_posix())
-                    )
+        _add_cells(grid, out_path, out_path if grid.name == "study" else out_path / "ablation", config_for)
 
     report_epochs = list_setting(table, "report_epochs", "[study]", int, "[1, 3, 10]", required=False) or []
     last = min(cell.config.epochs for cell in grids[0].cells)
@@ -278,12 +296,41 @@ def load_study(path: str | Path, out: str | Path | None = None, workers: int | N
     return parse_study(load_toml(path), f"config file {str(path)!r}", out, workers)
 
 
+def compare_study(
+    base: RunConfig, methods: Sequence[str], seeds: Sequence[int], out: str | Path, workers: int | None = None
+) -> Study:
+    """A study of one density: every method of `methods` with `base`'s settings, for every seed
+    (what `neuroplast compare` runs). Its report is `results.md` and `learning_curves.png`.
+
+    workers: cells at a time (default: as for a study, 2 on CPU and 1 on CUDA)."""
+    methods = _methods({"methods": list(methods)}, "compare")
+    seeds = _seeds({"seeds": list(seeds)}, "compare")
+    out_path = Path(out)
+    grid = Grid("compare", methods, [base.density], seeds, methods[0], "results.md")
+    _add_cells(
+        grid,
+        out_path,
+        out_path,
+        lambda method, density, seed: replace(base, method=method, density=density, seed=seed).validate(),
+    )
+    return Study(
+        out=out_path,
+        workers=workers_setting({}, workers, default_workers(base.device)),
+        grids=[grid],
+        report_epochs=[],
+        heatmap_methods=[],
+        heatmap_density=None,
+        source="command line",
+        curves="learning_curves.png",
+    )
+
+
 # -- running ----------------------------------------------------------------------------------
 
 
 def run_cell(config: RunConfig, folder: str | Path) -> dict:
     """Train (or resume) one cell quietly; return its summary."""
-    dataset = cached_dataset(config.dataset, config.model == "mlp")
+    dataset = cached_dataset(config.dataset, config.model == "mlp", **config.dataset_options())
     return train(config, folder, resume=True, progress=False, log=None, dataset=dataset)
 
 
@@ -382,8 +429,9 @@ def connectivity_maps(study: Study, log: Log = print) -> list[tuple[str, object]
 
 
 def write_report(study: Study, show: bool = True, log: Log = print) -> list[Path]:
-    """Write study.md, curves.png, connectivity.png (and ablation.md) into `study.out` from the
-    finished cells; print the tables when `show`. Returns the files written."""
+    """Write each grid's table (study.md, ablation.md), the first grid's curves (curves.png) and
+    connectivity.png into `study.out` from the finished cells; print the tables when `show`.
+    Returns the files written."""
     from neuroplast.experiments.report import (
         load_cell,
         plot_connectivity,
@@ -407,16 +455,16 @@ def write_report(study: Study, show: bool = True, log: Log = print) -> list[Path
             f"seconds per epoch; epochs to {grid.baseline}: first epoch at which the mean accuracy reaches "
             f"{grid.baseline}'s final mean accuracy at the same sparsity."
         )
-        path = study.out / ("study.md" if grid.name == "study" else "ablation.md")
+        path = study.out / grid.table
         table = study_markdown(rows, study.report_epochs, grid.baseline)
         path.write_text(f"# {title}\n\n{counted}. {columns}\n\n{table}")
         written.append(path)
         if show:
             print_study_table(rows, study.report_epochs, grid.baseline, f"{title} ({counted})")
-        if grid.name == "study":
+        if grid is study.grids[0]:
             if results:
                 written.append(
-                    plot_study_curves(results, study.out / "curves.png", title, grid.densities, grid.methods)
+                    plot_study_curves(results, study.out / study.curves, title, grid.densities, grid.methods)
                 )
             elif log:
                 log("curves: no finished cells yet")

@@ -6,12 +6,20 @@ import math
 from dataclasses import dataclass, field, fields
 
 from neuroplast.data import DATASETS
+from neuroplast.dst import PRESETS
 from neuroplast.federated.topology import TOPOLOGIES
+from neuroplast.sparse import DISTRIBUTIONS
 from neuroplast.train.config import ConfigError, PlainConfig, field_kind, has_kind
 
 ALGORITHMS = ("s2s", "s2a", "fedavg", "dsgd")
 MODELS = ("linear", "mlp", "cnn")
 DEVICES = ("cpu", "cuda", "auto")
+MASK_MODES = ("per-device", "shared")
+# presets a device can run between rounds: their signals come from the gradient of the round's
+# mini-batch (held anyway); signals gathered by hooks over many steps (momentum, activations,
+# neuron importance) would need every device's training to run through its own module
+DEVICE_SIGNALS = {"dense_grad", "live_grad"}
+DEVICE_PRESETS = tuple(n for n, a in PRESETS.items() if n != "dense" and set(a.needs) <= DEVICE_SIGNALS)
 ALGORITHM_HELP = {
     "s2s": "D2D every round; every H rounds the server averages K sampled devices and sends the "
     "average back to those K (sampled-to-sampled)",
@@ -42,6 +50,12 @@ class FederatedConfig(PlainConfig):
     algorithm: str = "s2s"
     sampled: int = 20  # K: devices the server samples
     period: int = 5  # H: rounds between server rounds
+    # sparse devices (docs: "Sparse devices"); density 1 keeps dense devices and dense messages
+    density: float = 1.0  # live share of the sparse layers' weights on every device
+    sparse_distribution: str = "erk"  # how the density is spread over layers (sparsify)
+    masks: str = "per-device"  # per-device: each device rewires its own; shared: only the server changes it
+    dst_method: str = "rigl"  # the DST preset that rewires (devices, or the server's schedule when shared)
+    dst_every: int = 10  # per-device masks: rounds between a device's topology updates
     # optimisation (plain SGD on every device)
     rounds: int = 500
     local_steps: int = 1
@@ -54,6 +68,10 @@ class FederatedConfig(PlainConfig):
     checkpoint_every: int = 50  # rounds between checkpoints (the last round is always saved)
     seed: int = 0
     device: str = "cpu"
+
+    @property
+    def sparse(self) -> bool:
+        return self.density < 1.0
 
     @property
     def uses_d2d(self) -> bool:
@@ -80,6 +98,9 @@ class FederatedConfig(PlainConfig):
             "topology": TOPOLOGIES,
             "algorithm": ALGORITHMS,
             "device": DEVICES,
+            "sparse_distribution": DISTRIBUTIONS,
+            "masks": MASK_MODES,
+            "dst_method": DEVICE_PRESETS,
         }
         for key, valid in choices.items():
             if getattr(self, key) not in valid:
@@ -95,6 +116,7 @@ class FederatedConfig(PlainConfig):
             "min_size",
             "cnn_hidden",
             "degree",
+            "dst_every",
         ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} {getattr(self, key)!r} must be a positive integer")
@@ -117,6 +139,8 @@ class FederatedConfig(PlainConfig):
         for key in ("alpha_inter", "alpha_intra"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} {getattr(self, key)!r} must be > 0 (e.g. 0.1 skewed, 100 about IID)")
+        if not 0.0 < self.density <= 1.0:
+            raise ConfigError(f"density {self.density!r} must be in (0, 1] (e.g. 0.1 for 90% sparsity; 1: dense)")
         if not 0.0 <= self.local_test_fraction < 1.0:
             raise ConfigError(f"local_test_fraction {self.local_test_fraction!r} must be in [0, 1)")
         if not 0.0 < self.edge_probability <= 1.0:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from neuroplast.federated.comm import MESSAGE_KINDS, Message
 from neuroplast.federated.topology import Mixing
 from neuroplast.train.config import ConfigError
 
@@ -75,6 +76,36 @@ class TorchComm:
         else:
             self.group, self.component_ranks = None, [self.rank]
         self.exchange = exchange  # "auto" is settled by the first mix, from the model's size
+        # payload bytes of the algorithm's messages: [d2d, d2s] handed to send, then [d2d, d2s]
+        # whose sender and receiver share this process (handed over in memory)
+        self.message_bytes = [0, 0, 0, 0]
+
+    def owner(self, device: int) -> int:
+        return device // self.per
+
+    def deliver(self, plan: list[Message], payloads: dict) -> dict:
+        """Hand every message of `plan` (the same ordered list on every process) from its sender's
+        process to its receiver's: blocking send/recv taken in plan order, so the earliest pending
+        message always has both ends ready and no two processes wait on each other."""
+        received = {}
+        # payloads are built on the CPU; NCCL moves only CUDA tensors
+        wire = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        for m in plan:
+            kind = MESSAGE_KINDS.index(m.kind)
+            if m.source == m.target:
+                if m.source == self.rank:
+                    received[m.key] = payloads[m.key]
+                    self.message_bytes[2 + kind] += payloads[m.key].nbytes
+            elif m.source == self.rank:
+                tensor = payloads[m.key].contiguous()
+                dist.send(tensor if wire is None else tensor.to(wire), dst=m.target)
+                self.sent += tensor.nbytes
+                self.message_bytes[kind] += tensor.nbytes
+            elif m.target == self.rank:
+                buffer = torch.empty(m.size, dtype=m.dtype, device=wire)
+                dist.recv(buffer, src=m.source)
+                received[m.key] = buffer.cpu()
+        return received
 
     def rows(self, devices: int) -> tuple[int, int]:
         return self.rank * self.per, (self.rank + 1) * self.per

@@ -20,6 +20,7 @@ from neuroplast.data import Dataset, load_dataset
 from neuroplast.federated.comm import LocalComm
 from neuroplast.federated.config import FederatedConfig
 from neuroplast.federated.simulator import Federation
+from neuroplast.federated.sparse import SparseFederation
 from neuroplast.train.checkpoint import load_for_resume, save_checkpoint
 from neuroplast.train.config import ConfigError
 from neuroplast.train.trainer import progress_bar, read_metrics, resolve_device, write_atomic
@@ -38,17 +39,20 @@ def _restore(fed: Federation, out: Path | None, config: FederatedConfig, resume:
     flag = fed.comm.broadcast(flag)
     if flag[0] == 0:
         return 0, 0.0
-    x = tensors["x"].to(fed.x) if fed.comm.rank == 0 else torch.empty(fed.config.devices, fed.parameters).to(fed.x)
-    x = fed.comm.broadcast(x)
-    fed.x = x[fed.lo : fed.hi].clone()
-    counters = torch.zeros(3, dtype=torch.float64)
+    rows = {}
+    for name, mine in fed.row_state().items():
+        full = tensors[name] if fed.comm.rank == 0 else torch.empty(fed.config.devices, *mine.shape[1:])
+        rows[name] = fed.comm.broadcast(full.to(mine))
+    fed.load_row_state(rows)
+    keys = [*fed.byte_counters(), "seconds"]
+    counters = torch.zeros(len(keys), dtype=torch.float64)
     if state is not None:
-        counters = torch.tensor([state["bytes_d2d"], state["bytes_d2s"], state["seconds"]], dtype=torch.float64)
+        counters = torch.tensor([state[k] for k in keys], dtype=torch.float64)
     counters = fed.comm.broadcast(counters)
-    fed.bytes_d2d, fed.bytes_d2s = int(counters[0]), int(counters[1])
+    fed.set_byte_counters({k: int(v) for k, v in zip(keys[:-1], counters[:-1].tolist())})
     if log and fed.comm.rank == 0:
         log(f"resuming {out} after round {int(flag[1])}")
-    return int(flag[1]), float(counters[2])
+    return int(flag[1]), float(counters[-1])
 
 
 def federate(
@@ -74,7 +78,8 @@ def federate(
             raise ConfigError(f"--out {str(out)!r} is a file, not a folder")
         out.mkdir(parents=True, exist_ok=True)
     data = dataset or load_dataset(config.dataset, progress=progress and main)
-    fed = Federation(config, data, comm, resolve_device(config.device))
+    kind = SparseFederation if config.sparse else Federation
+    fed = kind(config, data, comm, resolve_device(config.device))
     done, seconds = _restore(fed, out, config, resume, log)
     if done == 0:
         diagnostics = fed.heterogeneity()
@@ -103,8 +108,7 @@ def federate(
                 record = {
                     "round": finished,
                     **asdict(metrics),
-                    "bytes_d2d": fed.bytes_d2d,
-                    "bytes_d2s": fed.bytes_d2s,
+                    **fed.byte_counters(),
                     "server_round": fed.is_server_round(r),
                     "seconds": seconds,
                 }
@@ -121,16 +125,10 @@ def federate(
             else:
                 seconds += time.perf_counter() - start
             if out is not None and (finished % config.checkpoint_every == 0 or last):
-                x = comm.gather_rows(fed.x)
+                rows = {name: comm.gather_rows(t) for name, t in fed.row_state().items()}
                 if main:
-                    state = {
-                        "config": asdict(config),
-                        "round": finished,
-                        "bytes_d2d": fed.bytes_d2d,
-                        "bytes_d2s": fed.bytes_d2s,
-                        "seconds": seconds,
-                    }
-                    save_checkpoint(out, {"x": x}, state)
+                    state = {"config": asdict(config), "round": finished, **fed.byte_counters(), "seconds": seconds}
+                    save_checkpoint(out, rows, state)
             if bar:
                 bar.update(task, completed=finished)
             if on_round is not None:
@@ -152,6 +150,14 @@ def federate(
         "processes": comm.world,
         "bytes_sent_per_process": [int(b) for b in sent.tolist()],  # handed to collectives, this session
     }
+    if config.sparse:
+        summary["sparse"] = fed.describe_sparsity()
+    if config.sparse and comm.world > 1:
+        # device-to-device and device-to-server messages as the engine handed them over, this session:
+        # [d2d between processes, d2s between processes, d2d within a process, d2s within a process]
+        handed = torch.zeros(comm.world, 4, dtype=torch.float64)
+        handed[comm.rank] = torch.tensor(comm.message_bytes, dtype=torch.float64)
+        summary["message_bytes_per_process"] = [[int(b) for b in row] for row in comm.all_reduce(handed).tolist()]
     if out is not None and main:
         write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     if log and main and history:
@@ -180,5 +186,13 @@ def _describe(config: FederatedConfig, data: Dataset, fed: Federation, diagnosti
     )
     for k, row in enumerate(diagnostics["component_label_histograms"]):
         log(f"  component {k} labels: {' '.join(str(v) for v in row)}")
+    if config.sparse:
+        sparse = fed.describe_sparsity()
+        who = "each device" if config.masks == "per-device" else "the server"
+        log(
+            f"sparse devices: density {config.density:g} ({config.sparse_distribution}), {config.masks} masks rewired "
+            f"by {who} with {config.dst_method}; one model on the wire {sparse['model_bytes']:,} B "
+            f"({sparse['index_encoding']} indices) against {sparse['dense_model_bytes']:,} B dense"
+        )
     if diagnostics["spectral_gaps"] is not None:
         log("  spectral gap p per component: " + ", ".join(f"{p:.4f}" for p in diagnostics["spectral_gaps"]))

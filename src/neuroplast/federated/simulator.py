@@ -143,6 +143,11 @@ class Federation:
         return self.train_index[self.train_starts[:, None] + local]
 
     def local_step(self, round_: int, step: int) -> None:
+        self.x.sub_(self.gradients(round_, step), alpha=self.config.lr)
+
+    def gradients(self, round_: int, step: int) -> torch.Tensor:
+        """Every local device's mini-batch gradient (rows x d), weight decay included; the
+        round's losses are kept for the metrics."""
         c = self.config
         index = self.batch_indices(round_, step)[self.lo : self.hi]
         flat = index.flatten()
@@ -167,8 +172,8 @@ class Federation:
                 g[i] = torch.cat([grads[name].flatten() for name in self.names])
         if c.weight_decay:
             g.add_(self.x, alpha=c.weight_decay)
-        self.x.sub_(g, alpha=c.lr)
         self.last_loss = losses.detach().cpu()
+        return g
 
     def d2d(self, round_: int) -> None:
         if self.config.uses_d2d:
@@ -199,6 +204,23 @@ class Federation:
         self.d2d(round_)
         if self.is_server_round(round_):
             self.d2s(round_)
+
+    # -- state a checkpoint holds ----------------------------------------------------------------
+    def byte_counters(self) -> dict[str, int]:
+        """Bytes on the wire so far, by kind (a checkpoint keeps them; every metrics line shows them)."""
+        return {"bytes_d2d": self.bytes_d2d, "bytes_d2s": self.bytes_d2s}
+
+    def set_byte_counters(self, counters: dict[str, int]) -> None:
+        for key, value in counters.items():
+            setattr(self, key, int(value))
+
+    def row_state(self) -> dict[str, torch.Tensor]:
+        """This process's rows of every per-device tensor a checkpoint holds."""
+        return {"x": self.x}
+
+    def load_row_state(self, rows: dict[str, torch.Tensor]) -> None:
+        """Take this process's rows of the checkpoint's per-device tensors (all n rows given)."""
+        self.x = rows["x"][self.lo : self.hi].to(self.x).clone()
 
     # -- metrics ------------------------------------------------------------------------------
     def two_level_spread(self, rows: torch.Tensor) -> tuple[float, float]:

@@ -13,12 +13,15 @@ engine and a resumed run all build the same W.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import networkx as nx
 import numpy as np
 import torch
 
 from neuroplast.train.config import ConfigError
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 TOPOLOGIES = ("ring", "grid", "complete", "erdos-renyi", "dynamic", "none")
 MAX_TRIES = 1000  # random graphs redrawn until connected
@@ -35,6 +38,8 @@ def grid_shape(m: int) -> tuple[int, int]:
 
 
 def _connected(draw, what: str) -> nx.Graph:
+    import networkx as nx
+
     for attempt in range(MAX_TRIES):
         graph = draw(attempt)
         if nx.is_connected(graph):
@@ -44,6 +49,8 @@ def _connected(draw, what: str) -> nx.Graph:
 
 def component_graph(topology: str, m: int, seed: int = 0, edge_probability: float = 0.1, degree: int = 4) -> nx.Graph:
     """One component's graph on nodes 0..m-1 (`seed` drives the random kinds)."""
+    import networkx as nx  # here: importing it takes longer than all of neuroplast
+
     if topology not in TOPOLOGIES:
         raise TopologyError(f"unknown topology {topology!r}; choose from: {', '.join(TOPOLOGIES)}")
     if topology == "none" or m == 1:

@@ -20,11 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from neuroplast.attention import ATTENTIONS, MoBAttention, inverse_order, tile_order
-from neuroplast.models.vit import Block, patchify, square_tile
+from neuroplast.attention import ATTENTIONS, MoBAttention, TileOrder, square_tile
+from neuroplast.models.vit import Block, patchify
 
 TRANSFORMS = ("rot90", "rot180", "rot270", "hflip", "vflip")
 
@@ -179,12 +178,7 @@ class PartQueryEncoder(nn.Module):
 
         self.embed = nn.Linear((channels + 3) * patch_size * patch_size, dim)
         self.position = nn.Parameter(torch.randn(1, tokens, dim) * 0.02) if positions else None
-        if attention == "moba":
-            order = tile_order(*self.grid, *square_tile(*self.grid, block_size))
-            self.register_buffer("order", order, persistent=False)
-            self.register_buffer("restore", inverse_order(order), persistent=False)
-        else:
-            self.order = self.restore = None
+        self.tiles = TileOrder(self.grid, square_tile(*self.grid, block_size)) if attention == "moba" else None
         self.blocks = nn.Sequential(
             *[
                 Block(dim, qk_normed_attention(dim, heads, attention == "dense", block_size, top_k), mlp_ratio, dropout)
@@ -222,13 +216,13 @@ class PartQueryEncoder(nn.Module):
         """(B, C, H, W) -> (B, N, dim), raster order."""
         coordinates = self.coordinates.to(x.dtype).expand(x.shape[0], -1, -1, -1)
         patches = patchify(torch.cat([x, coordinates], 1), self.patch_size)
-        if self.order is not None:
-            patches = patches[:, self.order]
+        if self.tiles is not None:
+            patches = self.tiles.tiled(patches)
         t = self.embed(patches)
         if self.position is not None:
-            t = t + (self.position if self.order is None else self.position[:, self.order])
+            t = t + (self.position if self.tiles is None else self.tiles.tiled(self.position))
         t = self.norm(self.blocks(t))
-        return t if self.restore is None else t[:, self.restore]
+        return t if self.tiles is None else self.tiles.raster(t)
 
     def parts(self, x: torch.Tensor) -> PartsOutput:
         self._check_input(x)
@@ -354,6 +348,8 @@ def hungarian_match(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
     """Per sample, the matching of predicted masks (B, K, H, W) to true masks (B, P, H, W) that
     minimises the total cost 1 - soft IoU: (B, P) long, the predicted index matched to each true
     channel, or -1 for an empty true channel (or an unmatched one, when K is smaller)."""
+    from scipy.optimize import linear_sum_assignment  # here: importing it takes longer than all of neuroplast
+
     iou = soft_iou(pred.double(), true.double()).cpu().numpy()
     present = (true.flatten(2).sum(-1) > 0).cpu().numpy()
     match = np.full(true.shape[:2], -1, dtype=np.int64)

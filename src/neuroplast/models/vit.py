@@ -2,32 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from neuroplast.attention import ATTENTIONS, MoBAttention, tile_order
-
-
-def square_tile(rows: int, cols: int, block_size: int) -> tuple[int, int]:
-    """The most square tile (th, tw) with th * tw = block_size that divides a rows x cols grid."""
-    best = None
-    for th in range(1, block_size + 1):
-        if block_size % th or rows % th or cols % (block_size // th):
-            continue
-        tw = block_size // th
-        if best is None or abs(math.log(th / tw)) < abs(math.log(best[0] / best[1])):
-            best = (th, tw)
-    if best is None:
-        valid = sorted(
-            {th * tw for th in range(1, rows + 1) if rows % th == 0 for tw in range(1, cols + 1) if cols % tw == 0}
-        )
-        raise ValueError(
-            f"block_size {block_size} cannot be a tile of the {rows}x{cols} patch grid; "
-            f"choose from: {', '.join(map(str, valid[:12]))}{', ...' if len(valid) > 12 else ''}"
-        )
-    return best
+from neuroplast.attention import ATTENTIONS, MoBAttention, TileOrder, square_tile
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -96,13 +74,10 @@ class ViT(nn.Module):
         self.embed = nn.Linear(channels * patch_size * patch_size, dim)
         self.position = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
         moba_layers = depth - full_layers if attention == "moba" else 0
-        if moba_layers:
-            # the tokens run in tile order through all the blocks, so that each MoBA block of
-            # block_size tokens is a square tile of the grid; every other operation is per token
-            # (or dense attention) and the mean pools in any order, so nothing else changes
-            self.register_buffer("order", tile_order(*grid, *square_tile(*grid, block_size)), persistent=False)
-        else:
-            self.order = None
+        # the tokens run in tile order through all the blocks, so that each MoBA block of
+        # block_size tokens is a square tile of the grid; every other operation is per token
+        # (or dense attention) and the mean pools in any order, so nothing else changes
+        self.tiles = TileOrder(grid, square_tile(*grid, block_size)) if moba_layers else None
         blocks = []
         for layer in range(depth):
             full = attention == "dense" or layer >= depth - full_layers
@@ -127,7 +102,7 @@ class ViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         patches, position = self.patches(x), self.position
-        if self.order is not None:
-            patches, position = patches[:, self.order], position[:, self.order]
+        if self.tiles is not None:
+            patches, position = self.tiles.tiled(patches), self.tiles.tiled(position)
         tokens = self.embed(patches) + position
         return self.head(self.norm(self.blocks(tokens)).mean(1))

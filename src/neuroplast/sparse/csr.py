@@ -8,8 +8,8 @@ backward products cost O(nnz x batch):
     dx = W^T g        spmm with W^T        (a transposed pattern, rebuilt when the topology changes)
     dW = g^T x        only at the live positions (SDDMM)
 
-The products run in parallel numba kernels (`sparse/kernels.py`), or in torch.sparse (MKL spmm
-and `sampled_addmm`) where numba is missing.
+The products run in parallel numba kernels (dispatched by `sparse/kernels.py`), or in
+torch.sparse (MKL spmm and `sampled_addmm`) where numba is missing.
 
 Stock autograd through `F.linear(x, W_csr)` silently returns a *dense* weight gradient, which
 an optimizer step would densify; the custom Function here never does. Optimizers see a normal
@@ -34,9 +34,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from neuroplast.sparse.kernels import CSRArrays, backend, backward_t, inverse_dtype, sddmm, spmm_t, transposed
-from neuroplast.sparse.layer import Candidates, SparseLayer
-
-CHUNK_ELEMENTS = 1 << 22  # dense-gradient block size for growth: 4M floats (16 MiB)
+from neuroplast.sparse.layer import CHUNK_ELEMENTS, Candidates, SparseLayer
+from neuroplast.sparse.sampling import sample_positions
 
 # torch warns once per process that CSR support is "beta"; the paths used here are tested.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
@@ -118,7 +117,27 @@ class _SparseLinearFunction(torch.autograd.Function):
 
 
 class CSRLinear(nn.Module):
-    """y = x W^T + b with W stored as CSR (see the module docstring)."""
+    """A truly sparse `nn.Linear`: y = x W^T + b with only the live weights of W stored, as CSR.
+
+    `values` (a 1-D parameter, one entry per live weight) is what optimizers update; the
+    pattern is held in the index buffers `crow` and `col` (rows sorted, columns sorted within a
+    row), and `ever_active` records every position that has been live (ITOP's R_s). Forward and
+    backward cost O(nnz x batch) and never build a tensor of the layer's full shape, so a layer
+    can be far wider than memory would hold densely; the weight gradient exists only at the
+    live positions. Works under `torch.autocast` (bfloat16 activations, float32 values).
+
+    Made by `sparsify(model, ..., backend="csr")` from a model's `nn.Linear` layers, by
+    `CSRLinear.from_linear`, or directly with `CSRLinear.random(in_features, out_features, nnz)`
+    (then `Topology.of_csr_layers(model)` gives the DST engine its view). `state_dict()` holds
+    values, bias, crow, col and ever_active; loading one takes the saved number of live weights.
+
+    Args:
+        in_features: the input size of the dense layer this one stands for.
+        out_features: its output size.
+        flat: sorted, distinct flat indices (row * in_features + col) of the live weights.
+        values: their weights, in the order of `flat`.
+        bias: the bias (out_features), or None for none.
+    """
 
     def __init__(
         self,
@@ -165,8 +184,6 @@ class CSRLinear(nn.Module):
         """A layer with `nnz` uniformly placed live weights, built without any tensor of the full
         shape (so it can be far larger than memory would allow densely). Values are nn.Linear's
         default init scaled to each unit's live fan-in, as `sparsify(rescale_init=True)` does."""
-        from neuroplast.sparse.topology import sample_positions
-
         flat = sample_positions(in_features * out_features, nnz, generator)
         live_fan_in = torch.bincount(flat // in_features, minlength=out_features).clamp_min(1)
         bound = (1.0 / live_fan_in.float().sqrt())[flat // in_features]
@@ -225,6 +242,7 @@ class CSRLinear(nn.Module):
         return self._flat[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y = x W^T + b over the last dimension of x, computed from the live weights only."""
         flat_x = x.reshape(-1, self.in_features)
         y = _SparseLinearFunction.apply(flat_x, self.values, self.bias, self, self.activation_dtype(x)).t()
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -438,6 +456,26 @@ class CSRLayer(SparseLayer):
 
     def remove(self) -> None:
         """No hooks to detach."""
+
+    @torch.no_grad()
+    def finalize(self, dense: bool) -> nn.Module:
+        """The `CSRLinear` itself (truly sparse inference), or with `dense` an `nn.Linear` with
+        the same weights."""
+        module = self.module
+        module.capture, module.captured = False, []
+        if not dense:
+            return module
+        linear = nn.Linear(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            device=module.values.device,
+            dtype=module.values.dtype,
+        )
+        linear.weight.copy_(module.to_dense())
+        if module.bias is not None:
+            linear.bias.copy_(module.bias)
+        return linear
 
 
 def to_csr(model: nn.Module, name: str, linear: nn.Linear, flat: torch.Tensor) -> CSRLayer:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+CHUNK_ELEMENTS = 1 << 22  # dense-gradient block size for growth scores: 4M floats (16 MiB)
+
 
 @dataclass(frozen=True)
 class Candidates:
@@ -91,3 +93,8 @@ class SparseLayer(ABC):
     @abstractmethod
     def remove(self) -> None:
         """Detach hooks."""
+
+    @abstractmethod
+    def finalize(self, dense: bool) -> nn.Module:
+        """A plain module with this layer's weights baked in: no hooks, no mask buffers. A truly
+        sparse layer stays sparse unless `dense` asks for the equivalent dense module."""

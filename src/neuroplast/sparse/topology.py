@@ -9,24 +9,27 @@ The `Topology` is the backend-independent view the DST engine works through.
 from __future__ import annotations
 
 import fnmatch
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from neuroplast.sparse.csr import to_csr
+from neuroplast.sparse.csr import CSRLayer, CSRLinear, to_csr
 from neuroplast.sparse.distributions import layer_counts, layer_densities
 from neuroplast.sparse.layer import SparseLayer
 from neuroplast.sparse.masked import MaskedLayer
+from neuroplast.sparse.sampling import sample_positions
 
 SPARSE_LAYER_TYPES = (nn.Linear, nn.Conv2d)
 BACKENDS = ("masked", "csr")
+FINALIZED_CSR = ("sparse", "dense")  # what `Topology.finalize` makes of a csr layer
 
 
 @dataclass
 class LayerStats:
+    """The live weights of one sparse layer: how many, out of how many positions."""
+
     name: str
     nnz: int
     size: int
@@ -37,11 +40,13 @@ class LayerStats:
 
 
 class Topology:
-    """The sparse layers of a model (name -> `SparseLayer`)."""
+    """The sparse layers of `model` (name -> `SparseLayer`)."""
 
-    def __init__(self, layers: dict[str, SparseLayer]):
+    def __init__(self, layers: dict[str, SparseLayer], model: nn.Module):
         self.layers = layers
+        self.model = model
         self.optimizers: list[torch.optim.Optimizer] = []
+        self._step_hooks: list[torch.utils.hooks.RemovableHandle] = []
 
     @property
     def capture_dense_grad(self) -> bool:
@@ -54,6 +59,7 @@ class Topology:
             layer.capture = value
 
     def clear_signals(self) -> None:
+        """Drop the signals the layers captured for the last update (e.g. RigL's dense gradient)."""
         for layer in self.layers.values():
             layer.clear_signals()
 
@@ -68,23 +74,23 @@ class Topology:
                 "from model.parameters()"
             )
         self.optimizers.append(optimizer)
-        optimizer.register_step_post_hook(lambda *_: self.after_step())
+        self._step_hooks.append(optimizer.register_step_post_hook(lambda *_: self.after_step()))
 
     def after_step(self) -> None:
+        """Restore every layer's invariants after an optimizer step (pruned weights exactly zero)."""
         for layer in self.layers.values():
             layer.after_step()
 
     @classmethod
     def of_csr_layers(cls, model: nn.Module) -> Topology:
         """The topology of a model built directly from `CSRLinear` layers."""
-        from neuroplast.sparse.csr import CSRLayer, CSRLinear
-
         layers = {name: CSRLayer(name, m) for name, m in model.named_modules() if isinstance(m, CSRLinear)}
         if not layers:
             raise ValueError("the model has no CSRLinear layer")
-        return cls(layers)
+        return cls(layers, model)
 
     def stats(self) -> list[LayerStats]:
+        """Live weights and positions of every sparse layer, in the model's order."""
         return [LayerStats(name, layer.nnz, layer.size) for name, layer in self.layers.items()]
 
     def density(self) -> float:
@@ -101,22 +107,22 @@ class Topology:
         for layer in self.layers.values():
             layer.remove()
 
-
-ENUMERATE_UP_TO = 2**24  # positions; above this, sample without listing every position
-
-
-def sample_positions(size: int, k: int, generator: torch.Generator | None) -> torch.Tensor:
-    """`k` distinct flat positions of `size`, uniformly, sorted; the same on every backend."""
-    if size <= ENUMERATE_UP_TO:
-        return torch.randperm(size, generator=generator)[:k].sort().values
-    chosen = torch.empty(0, dtype=torch.long)
-    while chosen.numel() < k:
-        need = k - chosen.numel()
-        drawn = torch.randint(size, (math.ceil(need * size / (size - chosen.numel()) * 1.1) + 16,), generator=generator)
-        drawn = drawn[~torch.isin(drawn, chosen)].unique()  # unique sorts: a uniform subset all the same
-        drawn = drawn[torch.randperm(drawn.numel(), generator=generator)[:need]]
-        chosen = torch.cat([chosen, drawn])
-    return chosen.sort().values
+    def finalize(self, csr: str = "sparse") -> nn.Module:
+        """Bake the sparse weights into a plain model and return it (torch.ao.pruning's
+        `squash_mask`): masked layers keep their module, pruned weights zero, without hooks or
+        mask buffers, so `state_dict()` is a plain model's; csr layers stay truly sparse
+        `CSRLinear`s for inference (`csr="sparse"`) or become `nn.Linear`s (`csr="dense"`).
+        The model is changed in place; the topology lets go of it and of its optimizers."""
+        if csr not in FINALIZED_CSR:
+            raise ValueError(f"unknown csr {csr!r}; choose from: {', '.join(FINALIZED_CSR)}")
+        for name, layer in self.layers.items():
+            module = layer.finalize(dense=csr == "dense")
+            if module is not layer.module:
+                self.model.set_submodule(name, module)
+        for hook in self._step_hooks:
+            hook.remove()
+        self.layers, self.optimizers, self._step_hooks = {}, [], []
+        return self.model
 
 
 def select_layers(
@@ -198,4 +204,4 @@ def sparsify(
             mask = mask.view_as(weight)
             weight.mul_(mask)
             sparse_layers[name] = MaskedLayer(name, module, mask)
-    return Topology(sparse_layers)
+    return Topology(sparse_layers, model)

@@ -11,8 +11,8 @@ from pathlib import Path
 from neuroplast.attention import ATTENTIONS, ROUTINGS
 from neuroplast.data import DATASETS
 from neuroplast.data.articulated import ALL_FAMILIES, max_parts_and_joints
-from neuroplast.dst import METHODS
-from neuroplast.dst.schedules import ANNEALS
+from neuroplast.data.dataset import STANDARDIZE
+from neuroplast.dst import PRESETS, knob_fields, preset
 from neuroplast.models import MODELS
 from neuroplast.sparse import BACKENDS, DISTRIBUTIONS
 
@@ -31,7 +31,14 @@ class ConfigError(ValueError):
 def field_kind(annotation) -> type:
     """The type behind a RunConfig annotation (`int | None` -> int, `list[int]` -> list)."""
     text = str(annotation)
-    for name, kind in (("list[int]", list), ("bool", bool), ("int", int), ("float", float), ("str", str)):
+    for name, kind in (
+        ("list[int]", list),
+        ("dict", dict),
+        ("bool", bool),
+        ("int", int),
+        ("float", float),
+        ("str", str),
+    ):
         if text.startswith(name):
             return kind
     raise TypeError(f"unsupported config field type {annotation!r}")
@@ -52,6 +59,7 @@ class PlainConfig:
     def changed_from(self, saved: dict) -> list[str]:
         """The settings in which this config differs from a saved one (its `asdict`). A setting
         the saved config does not have (written before the setting existed) counts as its default."""
+        saved = self.normalized(saved)
         defaults = asdict(self.defaults_for(saved))
         return sorted(key for key, value in asdict(self).items() if saved.get(key, defaults[key]) != value)
 
@@ -60,8 +68,18 @@ class PlainConfig:
         return type(self)()
 
     def to_toml(self) -> str:
-        lines = [f"{k} = {json.dumps(v)}" for k, v in asdict(self).items() if v is not None]
+        """Plain settings as `key = value` lines, then each dict setting as a `[key]` table."""
+        values = asdict(self)
+        lines = [f"{k} = {json.dumps(v)}" for k, v in values.items() if v is not None and not isinstance(v, dict)]
+        for table, entries in values.items():
+            if isinstance(entries, dict) and entries:
+                lines += ["", f"[{table}]", *(f"{k} = {json.dumps(v)}" for k, v in entries.items())]
         return "\n".join(lines) + "\n"
+
+    @classmethod
+    def normalized(cls, values: dict) -> dict:
+        """`values` in this config's current layout (older layouts are read, never written)."""
+        return values
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -69,6 +87,7 @@ class PlainConfig:
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config"):
+        values = cls.normalized(values)
         unknown = sorted(set(values) - set(cls.keys()))
         if unknown:
             raise ConfigError(f"unknown key {unknown[0]!r} in {source}; valid keys: {', '.join(cls.keys())}")
@@ -77,6 +96,11 @@ class PlainConfig:
 
 @dataclass
 class RunConfig(PlainConfig):
+    """Everything one training run needs, as plain data: what to train (dataset, model), how
+    sparse and with which method, how to optimize, and the seed. Loaded from TOML with
+    `load_toml` (or `neuroplast train --config`), overridden by command-line flags, checked by
+    `validate`, and written next to the run as `config.toml`."""
+
     # what to train
     dataset: str = "digits"
     model: str = "mlp"
@@ -107,6 +131,7 @@ class RunConfig(PlainConfig):
     articulated_split: str = "iid"  # test on in-distribution joint angles, or "ood" ones
     articulated_train: int = 20000  # training samples
     articulated_test: int = 4000  # test samples
+    standardize: str = "channel"  # images: per-channel or per-feature training statistics
     # sparsity
     method: str = "set"
     density: float = 0.05
@@ -116,20 +141,9 @@ class RunConfig(PlainConfig):
     dense_last: bool = False
     backend: str = "masked"
     precision: str = "float32"  # bfloat16: activations under torch.autocast (weights stay float32)
-    # DST algorithm overrides (None: the preset's value)
-    drop_fraction: float | None = None  # SET's zeta, RigL's alpha
-    update_every: int | None = None  # steps between updates (SET default: one epoch)
-    end_fraction: float | None = None  # RigL's T_end as a fraction of training
-    drop_anneal: str | None = None  # drop fraction over training: constant, cosine, step
-    drop_lambda: float | None = None  # MEST: drop by |w| + drop_lambda |grad|
-    switch_patience: int | None = None  # CTRE-seq: epochs without progress before random growth
-    activation_samples: int | None = None  # CTRE: recent samples for activation similarity
-    importance_lambda: float | None = None  # WAST/DAST: gradient term vs |w| term
-    importance_decay: float | None = None  # WAST/DAST: 1 = sum, < 1 = forget old batches
-    tau_start: float | None = None  # DAST: growth sampling temperature, annealed
-    tau_end: float | None = None
-    random_start: float | None = None  # DAST: share of uniformly random growth, annealed
-    random_end: float | None = None
+    # DST knobs by name (the [dst] table): any knob of the schedule and the registered drop and
+    # grow criteria (`neuroplast.dst.knob_fields()`); a knob not given takes the method's value
+    dst: dict = field(default_factory=dict)
     # optimisation
     epochs: int = 20
     batch_size: int = 128
@@ -146,6 +160,8 @@ class RunConfig(PlainConfig):
     device: str = "cpu"
 
     def validate(self) -> RunConfig:
+        """Check every setting's type and range, and that names are among the valid choices;
+        raises `ConfigError` naming the bad value. Returns self, with model-dependent defaults set."""
         for f in fields(self):
             value, kind = getattr(self, f.name), field_kind(f.type)
             if value is not None and not has_kind(value, kind):
@@ -153,7 +169,7 @@ class RunConfig(PlainConfig):
         choices = {
             "dataset": DATASETS,
             "model": MODELS,
-            "method": METHODS,
+            "method": tuple(PRESETS),
             "distribution": DISTRIBUTIONS,
             "backend": BACKENDS,
             "precision": PRECISIONS,
@@ -162,6 +178,7 @@ class RunConfig(PlainConfig):
             "device": DEVICES,
             "attention": ATTENTIONS,
             "routing": ROUTINGS,
+            "standardize": STANDARDIZE,
         }
         if self.patch_size is None:
             self.patch_size = 1 if self.model == "moba-parts" else 4
@@ -191,8 +208,6 @@ class RunConfig(PlainConfig):
         ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} {getattr(self, key)!r} must be a positive integer")
-        if self.update_every is not None and self.update_every < 1:
-            raise ConfigError(f"update_every {self.update_every!r} must be a positive integer")
         if not self.hidden or not all(has_kind(h, int) and h > 0 for h in self.hidden):
             raise ConfigError(f"hidden {self.hidden!r} must be a non-empty list of positive integers")
         for f in fields(self):
@@ -208,16 +223,12 @@ class RunConfig(PlainConfig):
             raise ConfigError(f"seed {self.seed!r} must be in [0, 2**32)")
         if self.epsilon is not None and self.epsilon <= 0:
             raise ConfigError(f"epsilon {self.epsilon!r} must be > 0")
-        for key in ("dropout", "drop_fraction", "end_fraction"):
-            value = getattr(self, key)
-            if value is not None and not 0.0 <= value <= 1.0:
-                raise ConfigError(f"{key} {value!r} must be in [0, 1]")
+        if not 0.0 <= self.dropout <= 1.0:
+            raise ConfigError(f"dropout {self.dropout!r} must be in [0, 1]")
         if self.key_conv is not None and self.key_conv < 1:
             raise ConfigError(f"key_conv {self.key_conv!r} must be a positive kernel width")
         if self.full_layers < 0:
             raise ConfigError(f"full_layers {self.full_layers!r} must be >= 0")
-        if self.drop_anneal is not None and self.drop_anneal not in ANNEALS:
-            raise ConfigError(f"unknown drop_anneal {self.drop_anneal!r}; choose from: {', '.join(ANNEALS)}")
         if self.epsilon is not None and self.distribution != "er":
             raise ConfigError(f"epsilon is only used with distribution 'er', not {self.distribution!r}")
         if self.parts < 2:
@@ -255,19 +266,50 @@ class RunConfig(PlainConfig):
                 raise ConfigError(
                     f"{key} needs a parts model on the articulated dataset, not {self.model!r} on {self.dataset!r}"
                 )
+        self.validate_dst()
         return self
 
+    def validate_dst(self) -> None:
+        """Every [dst] key a knob of some part, of the knob's type, in the range its part accepts."""
+        knobs = knob_fields()
+        for key, value in self.dst.items():
+            if key not in knobs:
+                raise ConfigError(f"unknown dst setting {key!r}; choose from: {', '.join(knobs)}")
+            kind = field_kind(knobs[key].type)
+            if value is not None and not has_kind(value, kind):
+                raise ConfigError(f"{key} {value!r} must be of type {kind.__name__}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{key} {value!r} must be a finite number")
+        try:
+            preset(self.method, **self.dst)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+
+    @classmethod
+    def normalized(cls, values: dict) -> dict:
+        """DST knobs given at the top level (as configs saved before the [dst] table have them)
+        move into `dst`, over the table's values."""
+        knobs = knob_fields()
+        flat = {k: v for k, v in values.items() if k in knobs and k not in cls.keys()}
+        if not flat:
+            return values
+        rest = {k: v for k, v in values.items() if k not in flat}
+        return {**rest, "dst": {**rest.get("dst", {}), **{k: v for k, v in flat.items() if v is not None}}}
+
     def defaults_for(self, saved: dict) -> RunConfig:
-        # some defaults depend on the model (patch_size, vit_depth): resolve them for the saved one
+        """The defaults a saved config's missing settings take: those of its own model, since some
+        (patch_size, vit_depth) depend on it."""
         return RunConfig(model=saved.get("model", self.model)).validate()
 
     def families(self) -> list[str]:
+        """The articulated-shape families of `articulated_families`, as a list."""
         return [name.strip() for name in self.articulated_families.split(",") if name.strip()]
 
     def dataset_options(self) -> dict:
-        """Keyword arguments of `load_dataset` beyond the name (the articulated set's options)."""
+        """Keyword arguments of `load_dataset` beyond the name (the articulated set's options, a
+        standardisation other than per channel)."""
         if self.dataset != "articulated":
-            return {}
+            return {} if self.standardize == "channel" else {"standardize": self.standardize}
         options = dict(
             size=self.articulated_size,
             families=tuple(self.families()),

@@ -33,18 +33,6 @@ from neuroplast.train.checkpoint import (
 from neuroplast.train.config import ConfigError, RunConfig
 
 EpochCallback = Callable[[dict], None]
-# RunConfig keys passed to the DST algorithm under the same name (None: the preset's value)
-ALGORITHM_KEYS = (
-    "drop_lambda",
-    "switch_patience",
-    "activation_samples",
-    "importance_lambda",
-    "importance_decay",
-    "tau_start",
-    "tau_end",
-    "random_start",
-    "random_end",
-)
 
 
 def seed_everything(seed: int) -> None:
@@ -191,14 +179,7 @@ class Run:
             self.topology.attach(self.optimizer)
             steps_per_epoch = len(self.batches)
             try:
-                algorithm = preset(
-                    config.method,
-                    fraction=config.drop_fraction,
-                    update_every=config.update_every,
-                    end_fraction=config.end_fraction,
-                    anneal=config.drop_anneal,
-                    **{key: getattr(config, key) for key in ALGORITHM_KEYS},
-                )
+                algorithm = preset(config.method, **config.dst)
                 self.engine = DSTEngine(
                     self.topology, algorithm, config.epochs * steps_per_epoch, steps_per_epoch, seed=config.seed
                 )
@@ -245,6 +226,9 @@ class Run:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+            # free this step's graph before a topology update: a truly sparse layer whose live
+            # count changes (growth shared across layers) must not meet it again
+            loss, logits = loss.detach(), logits.detach()
             if self.engine is not None:
                 self.engine.step()
             loss_sum += loss.detach() * len(yb)
@@ -380,7 +364,8 @@ def train(
 ) -> dict:
     """Train one configuration; return the summary (also written to `out/summary.json`).
 
-    on_epoch_end(metrics) is called after each epoch's checkpoint is written.
+    on_epoch_end(metrics) is called after each epoch's checkpoint is written (e.g. a
+    `neuroplast.train.tensorboard.TensorBoardLog`, which `--log tensorboard` passes).
     """
     run = Run(config, dataset)
     out = Path(out) if out is not None else None
