@@ -179,6 +179,16 @@ class NeuronImportance(_Hooks):
             getattr(self, kind)[name] = value.to(getattr(self, kind)[name].device)
 
 
+def _linear_only(layers: dict[str, SparseLayer], signal: str) -> None:
+    """Refuse layers that are not Linear for a signal defined on neurons of Linear layers."""
+    bad = [name for name, layer in layers.items() if len(layer.shape) != 2]
+    if bad:
+        raise ValueError(
+            f"{signal} is defined for Linear layers only; {', '.join(bad)} is not "
+            "(exclude it, e.g. with dense_first, or choose another method)"
+        )
+
+
 class NeuronActivity(_Hooks):
     """Supervised attention of every sparse Linear layer (see the module docstring): moving
     averages `src` (|a - E[a]| per input neuron) and `dst` (|dL/dz| per output neuron), and the
@@ -186,12 +196,7 @@ class NeuronActivity(_Hooks):
 
     def __init__(self, layers: dict[str, SparseLayer], beta: float = 0.9):
         super().__init__(layers)
-        bad = [name for name, layer in layers.items() if len(layer.shape) != 2]
-        if bad:
-            raise ValueError(
-                f"supervised attention is defined for Linear layers only; {', '.join(bad)} is not "
-                "(exclude it, e.g. with dense_first, or choose another method)"
-            )
+        _linear_only(layers, "supervised attention")
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"activity beta {beta!r} must be in [0, 1)")
         self.beta = beta
@@ -273,12 +278,7 @@ class ActivationBuffer(_Hooks):
 
     def __init__(self, layers: dict[str, SparseLayer], samples: int = 1024):
         super().__init__(layers)
-        bad = [name for name, layer in layers.items() if len(layer.shape) != 2]
-        if bad:
-            raise ValueError(
-                f"activation similarity is defined for Linear layers only; {', '.join(bad)} is not "
-                "(exclude it, e.g. with dense_first, or choose another method)"
-            )
+        _linear_only(layers, "activation similarity")
         if samples < 2:
             raise ValueError(f"activation samples {samples!r} must be >= 2")
         self.samples = samples
