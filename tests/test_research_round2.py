@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from test_research import batch, gen, make_sparse  # the same small sparse MLPs and batches
 from torch import nn
 
 from neuroplast.data import load_dataset
@@ -19,22 +20,6 @@ from neuroplast.dst.signals import NeuronActivity, NeuronImportance, weight_neur
 from neuroplast.models import MLP
 from neuroplast.sparse import sparsify
 from neuroplast.sparse.layer import Candidates
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
-def make_sparse(density=0.3, seed=0, widths=(12, 10), backend="masked"):
-    torch.manual_seed(seed)
-    model = MLP(8, widths, 3)
-    topology = sparsify(model, density, "uniform", backend=backend, generator=gen(seed))
-    return model, topology
-
-
-def batch(seed, n=16):
-    g = gen(seed)
-    return torch.randn(n, 8, generator=g), torch.randint(0, 3, (n,), generator=g)
 
 
 def train_steps(model, topology, engine, optimizer, steps, first_seed=0):
