@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from test_federated import small as dense_small  # the same small federation
 
 from neuroplast import cli
 from neuroplast.data import load_dataset
@@ -22,26 +23,9 @@ def digits():
 
 
 def small(**overrides) -> FederatedConfig:
-    """8 devices in 2 components on digits, a small MLP at 30% density."""
-    values = dict(
-        dataset="digits",
-        model="mlp",
-        hidden=[16],
-        devices=8,
-        components=2,
-        sampled=3,
-        period=2,
-        batch_size=8,
-        lr=0.05,
-        min_size=5,
-        rounds=12,
-        eval_every=4,
-        checkpoint_every=4,
-        topology="grid",
-        density=0.3,
-        dst_every=2,
-    )
-    return FederatedConfig(**{**values, **overrides}).validate()
+    """test_federated's 8 devices in 2 components on digits, with a small MLP at 30% density."""
+    sparse = dict(model="mlp", hidden=[16], density=0.3, dst_every=2)
+    return dense_small(**{**sparse, **overrides})
 
 
 @pytest.mark.parametrize("masks", ["per-device", "shared"])

@@ -130,7 +130,11 @@ class UpdateRecord:
 
 class DSTEngine:
     """Runs an `Algorithm` on a `Topology`: call `step()` after every optimizer step (and
-    `observe_epoch(training_accuracy)` after every epoch for parts that watch progress)."""
+    `observe_epoch(training_accuracy)` after every epoch for parts that watch progress).
+
+    `signals`: signals the caller gathers itself, by name, in place of the engine's (e.g. an
+    importance computed from an autoencoder's reconstruction error, which no hook can see); a
+    signal the parts need and the caller does not give is built by the engine."""
 
     def __init__(
         self,
@@ -139,6 +143,7 @@ class DSTEngine:
         total_steps: int,
         steps_per_epoch: int,
         seed: int = 0,
+        signals: dict | None = None,
     ):
         self.topology = topology
         self.algorithm = algorithm
@@ -151,8 +156,11 @@ class DSTEngine:
         self.history: list[UpdateRecord] = []
         self.last_grown: dict[str, torch.Tensor] = {}
         self.needs = algorithm.needs
+        given = signals or {}
         self.signals = {
-            name: make(topology.layers, **self.needs[name]) for name, make in SIGNALS.items() if name in self.needs
+            name: given[name] if name in given else make(topology.layers, **self.needs[name])
+            for name, make in SIGNALS.items()
+            if name in self.needs
         }
         self._arm()
 

@@ -101,7 +101,23 @@ class _Hooks:
         """Connections at `flat` of layer `name` were just rewired: neuron signals keep going."""
 
 
-class NeuronImportance(_Hooks):
+class _NeuronScores(_Hooks):
+    """Hooks that keep one score per input neuron (`src`) and per output neuron (`dst`) of every
+    layer; a checkpoint holds both."""
+
+    src: dict[str, torch.Tensor]
+    dst: dict[str, torch.Tensor]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {**{f"src.{k}": v for k, v in self.src.items()}, **{f"dst.{k}": v for k, v in self.dst.items()}}
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        for key, value in tensors.items():
+            kind, _, name = key.partition(".")
+            getattr(self, kind)[name] = value.to(getattr(self, kind)[name].device)
+
+
+class NeuronImportance(_NeuronScores):
     """Importance of every sparse layer's input and output neurons (see the module docstring)."""
 
     def __init__(self, layers: dict[str, SparseLayer], lam: float = 0.4, decay: float = 1.0):
@@ -170,14 +186,6 @@ class NeuronImportance(_Hooks):
         shape = self.layers[name].shape
         return lambda: outer_chunks(self.dst[name], self.src[name], shape)
 
-    def state(self) -> dict[str, torch.Tensor]:
-        return {**{f"src.{k}": v for k, v in self.src.items()}, **{f"dst.{k}": v for k, v in self.dst.items()}}
-
-    def load(self, tensors: dict[str, torch.Tensor]) -> None:
-        for key, value in tensors.items():
-            kind, _, name = key.partition(".")
-            getattr(self, kind)[name] = value.to(getattr(self, kind)[name].device)
-
 
 def _linear_only(layers: dict[str, SparseLayer], signal: str) -> None:
     """Refuse layers that are not Linear for a signal defined on neurons of Linear layers."""
@@ -189,7 +197,7 @@ def _linear_only(layers: dict[str, SparseLayer], signal: str) -> None:
         )
 
 
-class NeuronActivity(_Hooks):
+class NeuronActivity(_NeuronScores):
     """Supervised attention of every sparse Linear layer (see the module docstring): moving
     averages `src` (|a - E[a]| per input neuron) and `dst` (|dL/dz| per output neuron), and the
     last batch's inputs and output errors for `grad_at`."""
@@ -263,14 +271,6 @@ class NeuronActivity(_Hooks):
             return torch.cat(parts) if parts else torch.zeros(0, device=x.device)
 
         return gradient
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return {**{f"src.{k}": v for k, v in self.src.items()}, **{f"dst.{k}": v for k, v in self.dst.items()}}
-
-    def load(self, tensors: dict[str, torch.Tensor]) -> None:
-        for key, value in tensors.items():
-            kind, _, name = key.partition(".")
-            getattr(self, kind)[name] = value.to(getattr(self, kind)[name].device)
 
 
 class ActivationBuffer(_Hooks):

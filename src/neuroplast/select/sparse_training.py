@@ -44,6 +44,7 @@ from neuroplast.select.methods import SelectionError, register_method
 from neuroplast.sparse import sparsify
 from neuroplast.sparse.layer import SparseLayer
 from neuroplast.sparse.topology import Topology
+from neuroplast.train.trainer import progress_bar
 
 # WAST's lambda by kind of data (dst.md 2.7): images weigh the strength term more
 WAST_LAMBDA = {"image": 0.4, "tabular": 0.9}
@@ -61,13 +62,11 @@ def _seeded(seed: int) -> torch.Generator:
 
 
 def _bar(enabled: bool, description: str, total: int):
-    if not enabled:
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    bar.start()
-    bar.add_task(description, total=total)
+    """The trainer's progress bar, started with one task."""
+    bar = progress_bar(enabled)
+    if bar is not None:
+        bar.start()
+        bar.add_task(description, total=total, info="")
     return bar
 
 
@@ -288,12 +287,10 @@ def attention_autoencoder(
     algorithm = Algorithm(
         description, UpdateSchedule(update_every=1, drop_fraction=drop_fraction), AttentionDrop(), grow
     )
-    engine = DSTEngine(topology, algorithm, epochs * steps, steps, seed)
-    engine.signals["importance"].remove()
     importance = ReconstructionImportance(
         topology.layers["0"], topology.layers["2"], grow.importance_lambda, grow.importance_decay
     )
-    engine.signals["importance"] = importance
+    engine = DSTEngine(topology, algorithm, epochs * steps, steps, seed, signals={"importance": importance})
     train(
         model,
         engine,
