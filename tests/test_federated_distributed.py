@@ -110,6 +110,8 @@ SPARSE = {"model": "mlp", "hidden": [16], "density": 0.3, "dst_every": 2}
         pytest.param(2, {"topology": "ring", "algorithm": "s2a", "masks": "per-device"}, marks=pytest.mark.slow),
         (4, {"topology": "grid", "algorithm": "s2s", "masks": "per-device"}),
         (4, {"topology": "dynamic", "degree": 2, "algorithm": "s2a", "masks": "shared"}),
+        # a preset whose signals (activations, errors) hooks gather from each device's batch
+        (2, {"topology": "ring", "algorithm": "s2s", "masks": "per-device", "dst_method": "dast2"}),
     ],
 )
 def test_engine_gives_the_simulators_sparse_run_and_sends_the_bytes_it_counts(tmp_path, processes, values):

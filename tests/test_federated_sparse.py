@@ -59,6 +59,60 @@ def test_density_is_exact_on_every_device_after_every_step(digits, masks, algori
         assert (fed.mask != fed.mask[0]).any(1).sum() >= 4
 
 
+HOOK_PRESETS = ["snfs", "ctre", "ctre-seq", "wast", "dast", "dast2"]  # signals beyond the gradient
+
+
+@pytest.mark.parametrize("method", HOOK_PRESETS)
+def test_every_preset_rewires_per_device_masks_at_exact_layer_counts(digits, method):
+    fed = SparseFederation(small(dst_method=method, dst_every=1, local_steps=2, algorithm="s2a"), digits)
+    assert fed.engine is not None and fed.engine.signals  # a preset whose signals come from more than the gradient
+    counts = fed.live_counts().clone()
+    assert counts[0].tolist() == list(fed.layer_nnz.values())
+    first_mask = fed.mask.clone()
+    for r in range(6):
+        for step in range(2):
+            fed.local_step(r, step)
+        if fed.schedule.is_update_step(r + 1):
+            fed.rewire_devices(r)
+            assert torch.equal(fed.live_counts(), counts)  # every layer of every device: what sparsify gave it
+            assert (fed.x[~fed.mask] == 0).all()
+        fed.d2d(r)
+        if fed.is_server_round(r):
+            fed.d2s(r)
+    assert (fed.mask != first_mask).any(1).all()  # every device rewired its own mask
+    assert (fed.mask != fed.mask[0]).any(1).sum() >= 4
+
+
+def test_hook_signals_are_gathered_from_each_devices_last_batch_of_the_round(digits):
+    fed = SparseFederation(small(dst_method="ctre", dst_every=1, local_steps=2), digits)
+    fed.round(0)  # rewires after round 0: the last device of the process is the last one served
+    first = next(iter(fed.topology.layers))
+    index = fed.batch_indices(0, 1)[fed.hi - 1]  # its mini-batch of the round's last local step
+    assert torch.equal(fed.engine.signals["activations"].inputs[first], fed.x_train[index])
+    dast2 = SparseFederation(small(dst_method="dast2", dst_every=1), digits)
+    dast2.round(0)
+    activity = dast2.engine.signals["activity"]
+    for name in dast2.topology.layers:
+        assert activity.errors[name].shape[0] == dast2.config.batch_size
+        assert (activity.src[name] > 0).any() and (activity.dst[name] > 0).any()
+
+
+def test_a_hook_signal_preset_rewires_by_its_signal(digits):
+    def masks(method: str, skip_pass: bool = False) -> torch.Tensor:
+        fed = SparseFederation(small(dst_method=method, dst_every=1), digits)
+        if skip_pass:  # no forward and backward through the module: the hooks see nothing
+            fed._signal_pass = lambda index: None
+        for r in range(3):
+            fed.round(r)
+        return fed.mask
+
+    wast = masks("wast")
+    assert not torch.equal(wast, masks("wast", skip_pass=True))  # importance has its gradient term
+    assert not torch.equal(wast, masks("rigl"))
+    with pytest.raises(RuntimeError, match="no training batch"):  # dast2's exact gradient needs the batch
+        masks("dast2", skip_pass=True)
+
+
 def test_per_device_mixing_averages_each_weight_over_its_holders(digits):
     fed = SparseFederation(small(topology="complete", dst_every=1), digits)
     for r in range(3):  # let the masks diverge
@@ -150,9 +204,9 @@ def test_bytes_are_counted_per_message(digits):
     assert shared.bytes_d2s == 3 * (shared.wire.values_bytes + 8 * moved) + 8 * 8 * moved + 3 * shared.wire.values_bytes
 
 
-@pytest.mark.parametrize("masks", ["per-device", "shared"])
-def test_sparse_run_resumes_like_an_uninterrupted_run(digits, tmp_path, masks):
-    config = small(masks=masks, rounds=10, eval_every=3, checkpoint_every=4)
+@pytest.mark.parametrize("masks,method", [("per-device", "rigl"), ("shared", "rigl"), ("per-device", "dast")])
+def test_sparse_run_resumes_like_an_uninterrupted_run(digits, tmp_path, masks, method):
+    config = small(masks=masks, dst_method=method, rounds=10, eval_every=3, checkpoint_every=4)
     federate(config, tmp_path / "whole", progress=False, log=None, dataset=digits)
 
     def crash(finished):
@@ -183,7 +237,8 @@ def test_sparse_run_resumes_like_an_uninterrupted_run(digits, tmp_path, masks):
     [
         (["--density", "0"], "density 0.0 must be in (0, 1]"),
         (["--masks", "mixed"], "unknown masks 'mixed'; choose from: per-device, shared"),
-        (["--dst-method", "snfs"], "unknown dst_method 'snfs'; choose from: static, set, rigl, mest"),
+        (["--dst-method", "dense"], "unknown dst_method 'dense'; choose from: static, set, rigl, snfs, mest, ctre,"),
+        (["--model", "cnn", "--density", "0.3", "--dst-method", "ctre"], "dst_method 'ctre' gathers activations"),
         (["--dst-every", "0"], "dst_every 0 must be a positive integer"),
     ],
 )

@@ -181,6 +181,22 @@ def test_training_loss_with_and_without_targets_backpropagates():
         model.training_loss(x, y, {"part_masks": torch.zeros(2, 5, 16, 16)})
 
 
+def test_mask_matching_hungarian_finds_the_permuted_parts_fixed_pairs_query_k_with_channel_k():
+    """Predicted masks that are the true parts in another order: the Hungarian loss is the loss of
+    the perfect masks, the fixed pairing (query k for channel k) scores the order as wrong; an
+    empty true channel is skipped by both."""
+    labels = torch.zeros(2, 16, 16, dtype=torch.long)
+    labels[:, 4:12, 4:8], labels[:, 4:12, 8:12] = 1, 2
+    true = one_hot_masks(labels, 4).float()  # channel 3 empty
+    in_order = true.clone()
+    permuted = true[:, [2, 0, 1, 3]]  # query 0 holds part 2, query 1 the background, query 2 part 1
+    hungarian, fixed = tiny(mask_matching="hungarian"), tiny(mask_matching="fixed")
+    best = hungarian.mask_loss(in_order, true)
+    torch.testing.assert_close(hungarian.mask_loss(permuted, true), best)
+    torch.testing.assert_close(fixed.mask_loss(in_order, true), best)
+    assert fixed.mask_loss(permuted, true) > best + 1
+
+
 @pytest.mark.parametrize(
     "options",
     [{"attention": "dense"}, {"attention": "moba", "patch_size": 1, "block_size": 16, "top_k": 2}],
@@ -227,6 +243,8 @@ def test_equivariance_error_is_zero_for_the_identity_and_bounded():
         ({"patch_size": 5}, "patch_size 5 does not divide the 28x28 image; choose from: 1, 2, 4, 7, 14, 28"),
         ({"attention": "sparse"}, "unknown attention 'sparse'; choose from: dense, moba"),
         ({"parts": 1}, "parts must be at least 2"),
+        ({"pixel_rank": 0}, "pixel_rank must be at least 1, got 0"),
+        ({"mask_matching": "greedy"}, "unknown mask_matching 'greedy'; choose from: hungarian, fixed"),
         ({"attention": "moba", "patch_size": 2, "block_size": 3}, "block_size 3 cannot be a tile"),
     ],
 )
@@ -234,6 +252,30 @@ def test_bad_settings_are_one_line_errors(options, message):
     with pytest.raises(ValueError, match=message) as error:
         PartQueryEncoder((1, 28, 28), 10, **options)
     assert "\n" not in str(error.value)
+
+
+@torch.no_grad()
+def test_masks_resolve_pixels_inside_one_patch():
+    """The per-pixel head alone (token logits and the convolutions off) can split every 4x4 patch
+    in a checkerboard, which no head with one logit per patch, nor one affine in the pixel's
+    coordinates and intensity, can: the masks are at pixel resolution."""
+    torch.manual_seed(0)
+    model = tiny().eval()
+    model.to_mask.weight.zero_()
+    for parameter in model.local.parameters():
+        parameter.zero_()
+    model.subpixel.weight.zero_()
+    sign = torch.tensor([[(-1.0) ** (a + b) for b in range(4)] for a in range(4)])  # per pixel of a patch
+    bias = torch.zeros(4, 4, model.pixel_rank)
+    bias[..., 0] = 50 * sign
+    model.subpixel.bias.copy_(bias.flatten())
+    out = model.parts(torch.randn(2, 1, 16, 16))
+    winner = out.masks.argmax(1)  # (2, 16, 16)
+    checker = sign.repeat(4, 4) > 0
+    # the same query wins every "+" pixel and another one every "-" pixel, in every patch
+    for b in range(2):
+        plus, minus = winner[b][checker].unique(), winner[b][~checker].unique()
+        assert len(plus) == 1 and len(minus) == 1 and plus.item() != minus.item()
 
 
 def test_a_wrong_input_shape_is_a_one_line_error():

@@ -97,7 +97,8 @@ FEDERATE_HELP = {
     "the wire (1: dense devices)",
     "sparse_distribution": "sparse devices: density per layer: uniform, er or erk",
     "masks": "sparse devices: per-device (each device rewires its own mask) or shared (only the server changes it)",
-    "dst_method": "sparse devices: the DST preset that rewires (static, set, rigl, mest)",
+    "dst_method": "sparse devices: the DST preset that rewires (any method but dense: set, rigl, snfs, mest, ctre, "
+    "wast, dast, dast2, ...; static never rewires)",
     "dst_every": "sparse devices with per-device masks: rounds between a device's topology updates",
     "rounds": "communication rounds",
     "local_steps": "SGD steps per device per round",

@@ -15,11 +15,11 @@ ALGORITHMS = ("s2s", "s2a", "fedavg", "dsgd")
 MODELS = ("linear", "mlp", "cnn")
 DEVICES = ("cpu", "cuda", "auto")
 MASK_MODES = ("per-device", "shared")
-# presets a device can run between rounds: their signals come from the gradient of the round's
-# mini-batch (held anyway); signals gathered by hooks over many steps (momentum, activations,
-# neuron importance) would need every device's training to run through its own module
-DEVICE_SIGNALS = {"dense_grad", "live_grad"}
-DEVICE_PRESETS = tuple(n for n, a in PRESETS.items() if n != "dense" and set(a.needs) <= DEVICE_SIGNALS)
+# presets a device can run between rounds: every one but "dense" (density 1 is dense devices).
+# The gradient signals come from the round's mini-batch; the others (momentum, activations, neuron
+# importance, activity) are gathered from that batch at the device's rewiring (federated/sparse.py)
+DEVICE_PRESETS = tuple(n for n in PRESETS if n != "dense")
+LINEAR_ONLY_SIGNALS = ("activations", "activity")  # defined on neurons of Linear layers (dst/signals.py)
 ALGORITHM_HELP = {
     "s2s": "D2D every round; every H rounds the server averages K sampled devices and sends the "
     "average back to those K (sampled-to-sampled)",
@@ -105,6 +105,12 @@ class FederatedConfig(PlainConfig):
         for key, valid in choices.items():
             if getattr(self, key) not in valid:
                 raise ConfigError(f"unknown {key} {getattr(self, key)!r}; choose from: {', '.join(valid)}")
+        linear_only = [s for s in LINEAR_ONLY_SIGNALS if s in PRESETS[self.dst_method].needs]
+        if self.sparse and self.masks == "per-device" and self.model == "cnn" and linear_only:
+            raise ConfigError(
+                f"dst_method {self.dst_method!r} gathers {linear_only[0]} of Linear layers only and the cnn's "
+                "sparse layers include Conv2d ones; choose another dst_method, model mlp, or masks shared"
+            )
         for key in (
             "devices",
             "components",

@@ -8,10 +8,25 @@ below keeps each device's live count per layer exactly what `sparsify` gave it.
 
 Masks (`masks`):
 
-- `per-device` (DisPFL-style): each device rewires its own mask with a DST preset of the engine
-  (`dst_method`, every `dst_every` rounds, from the gradient of its round's mini-batch). Mixing
-  never changes a mask: a device averages each of its live weights over the neighbours (or the
-  sampled devices) that hold that weight live, with their mixing weights renormalised,
+- `per-device` (DisPFL-style): each device rewires its own mask with any DST preset of the engine
+  (`dst_method`, every `dst_every` rounds). The engine works on `scratch`, one sparsified copy of
+  the model that serves every device in turn: the device's weights and mask go in, the preset's
+  signals are gathered, the engine drops and grows, and the weights and mask come back. Every
+  signal comes from the device's mini-batch of the round's last local step (the batch
+  `batch_indices` draws for it, so the simulator and the torchrun engine gather the same): the
+  dense gradient (RigL, SNFS's momentum) and the live gradient (MEST) are that step's gradient,
+  weight decay included; the signals hooks gather (CTRE's activations, WAST's and DAST's neuron
+  importance, DAST2's activation and error magnitudes and its exact gradient at candidates) come
+  from one forward and backward of that batch through `scratch` at the device's weights after the
+  step. No signal state carries across devices or rounds: the signals start anew for each device
+  (a momentum or moving average holds that one batch), and so do the engine's record of the last
+  growth (DAST2's protection of new connections never applies) and its history. Growth shared
+  across layers (SNFS's by momentum, DAST2's by attention) is off: each layer grows what it
+  dropped. CTRE-seq's switch to random growth watches epochs, which devices do not report, so
+  it never switches.
+
+  Mixing never changes a mask: a device averages each of its live weights over the neighbours
+  (or the sampled devices) that hold that weight live, with their mixing weights renormalised,
 
       x_i[k] <- sum_j W_ij m_j[k] x_j[k] / sum_j W_ij m_j[k]      for k live on i,
 
@@ -25,7 +40,8 @@ Masks (`masks`):
   the smallest |x_S|, and grows as many where the sampled devices' gradients are largest: each
   sampled device proposes its r_l largest |gradient| positions outside the mask, the server sums
   the proposals and takes the r_l best. New weights start at zero; every device receives the
-  change (indices), the receivers of x_S its values.
+  change (indices), the receivers of x_S its values. Only the preset's schedule is used here:
+  whatever its criteria, the server drops by magnitude and grows by the proposals.
 
 On the wire (all counted exactly, per message, from the payloads the engine sends): float32
 values of the live weights, and for per-device masks the live positions of the sparse layers
@@ -43,10 +59,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from neuroplast.data import Dataset
 from neuroplast.dst import DSTEngine, preset
+from neuroplast.dst.signals import SIGNALS
 from neuroplast.federated.comm import Message
 from neuroplast.federated.config import FederatedConfig
 from neuroplast.federated.simulator import BYTES_PER_VALUE, Federation, server_sample
@@ -54,6 +72,9 @@ from neuroplast.sparse import sparsify
 
 INDEX_BYTES = 4  # int32 flat indices
 SERVER_PROCESS = 0  # the process that plays the server (it also hosts its own devices)
+# growth shared across layers (SNFS by momentum, DAST2 by attention) would move live weights between
+# layers; on devices every layer keeps the live count `sparsify` gave it, so each grows what it dropped
+PER_LAYER_GROWTH = {"redistribute": False, "redistribute_attention": False}
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.long)
 
 
@@ -118,6 +139,7 @@ class SparseFederation(Federation):
         self.topology = sparsify(self.scratch, c.density, c.sparse_distribution, generator=generator)
         names = {id(p): name for name, p in self.scratch.named_parameters()}
         starts = dict(zip(self.names, itertools.accumulate([0, *self.sizes])))
+        self._spans = [(starts[name], p.numel()) for name, p in self.scratch.named_parameters()]
         self.maskable = torch.zeros(self.parameters, dtype=torch.bool, device=self.device)
         mask = torch.ones(self.parameters, dtype=torch.bool, device=self.device)
         self.layer_slices: dict[str, slice] = {}
@@ -134,7 +156,7 @@ class SparseFederation(Federation):
         self.wire = WireFormat(
             int(mask.sum()), int(self.maskable.sum()), int(mask[self.maskable].sum()), shared=self.shared
         )
-        self.algorithm = preset(c.dst_method, update_every=c.dst_every)
+        self.algorithm = preset(c.dst_method, update_every=c.dst_every, **PER_LAYER_GROWTH)
         # the schedule counts rounds: a device rewires every dst_every rounds, a shared mask at server rounds
         self.schedule = self.algorithm.schedule.at(total_steps=c.rounds, steps_per_epoch=c.dst_every)
         self.engine = (
@@ -163,25 +185,64 @@ class SparseFederation(Federation):
     @torch.no_grad()
     def rewire_devices(self, round_: int) -> None:
         """Every local device's topology update by the DST engine: its weights, mask and last
-        gradient go into the sparsified module, the engine drops and grows, the result comes back."""
+        gradient go into the sparsified module, the engine gathers the preset's other signals
+        from the device's last mini-batch of the round, drops and grows, and the result comes back."""
         layers = self.topology.layers
+        engine = self.engine
+        # hook-gathered signals (importance, activity, activations) need a pass through the module;
+        # a signal read from the layers' dense gradient (momentum) is fed the local step's gradient
+        needs_pass = any(not getattr(s, "dense_grad_every_step", False) for s in engine.signals.values())
+        batch = self.batch_indices(round_, self.config.local_steps - 1) if needs_pass else None
         for row in range(len(self.x)):
+            if needs_pass:
+                self._load_scratch(row)
             for name, layer in layers.items():
                 where = self.layer_slices[name]
                 layer.weight.view(-1).copy_(self.x[row, where])
                 layer.weight_mask.view(-1).copy_(self.mask[row, where])
-                grad = self.last_grad[row, where].view_as(layer.weight).clone()
+            if engine.signals:
+                self._fresh_signals()  # one module serves every device: no signal state across them
+            if needs_pass:
+                self._signal_pass(batch[self.lo + row])
+            for name, layer in layers.items():
+                grad = self.last_grad[row, self.layer_slices[name]].view_as(layer.weight).clone()
                 layer.dense_grad, layer.weight.grad = grad, grad.clone()  # RigL's and MEST's signals
-            self.engine.step_count = round_ + 1  # the schedule's fraction and progress, in rounds
-            self.engine.generator.manual_seed(self._device_seed(round_, self.lo + row))
-            self.engine.update()
-            self.engine.history.clear()  # one module serves every device: no history across them
-            self.engine.last_grown.clear()
+            for signal in engine.signals.values():
+                signal.update()  # fold in the batch, as after a training step
+            engine.step_count = round_ + 1  # the schedule's fraction and progress, in rounds
+            engine.generator.manual_seed(self._device_seed(round_, self.lo + row))
+            engine.update()
+            engine.history.clear()  # one module serves every device: no history across them
+            engine.last_grown.clear()
             for name, layer in layers.items():
                 where = self.layer_slices[name]
                 self.x[row, where] = layer.weight.view(-1)
                 self.mask[row, where] = layer.weight_mask.view(-1)
                 layer.weight.grad = None
+
+    @torch.no_grad()
+    def _load_scratch(self, row: int) -> None:
+        """Every parameter of the sparsified module from a local device's row of X."""
+        for parameter, (start, size) in zip(self.scratch.parameters(), self._spans):
+            parameter.view(-1).copy_(self.x[row, start : start + size])
+
+    def _fresh_signals(self) -> None:
+        """The engine's signals started anew (their hooks moved to the new ones)."""
+        engine = self.engine
+        for signal in engine.signals.values():
+            signal.remove()
+        engine.signals = {name: SIGNALS[name](self.topology.layers, **engine.needs[name]) for name in engine.signals}
+
+    def _signal_pass(self, index: torch.Tensor) -> None:
+        """Forward and backward of one device's mini-batch (training-set indices) through the
+        sparsified module, its weights loaded: the engine's hooks see activations and errors."""
+        images = self.x_train[index].view(len(index), *self.data.x_train.shape[1:]).to(self.device)
+        labels = self.data.y_train[index].to(self.device)
+        self.scratch.train()
+        with torch.enable_grad():
+            F.cross_entropy(self.scratch(images), labels).backward()
+        for parameter in self.scratch.parameters():
+            parameter.grad = None
 
     def _device_seed(self, round_: int, device: int) -> int:
         return ((self.config.seed * 1_000_003 + round_) * 1_000_033 + device) % (2**63)
