@@ -84,6 +84,7 @@ def main() -> None:
         target = statistics.fmean(ref.values()) if ref else None
 
     seeds = ", ".join(map(str, args.seeds))
+    header = ["| method | " + " | ".join(label(e) for e in budgets) + " |", "|---|" + "---|" * len(budgets)]
     setting = "95% sparsity (ERK)" if by_epochs else "ERK, 3-epoch budget"
     lines = [
         f"# Round two: final test accuracy against the {'epoch budget' if by_epochs else 'sparsity'}",
@@ -91,8 +92,7 @@ def main() -> None:
         f"Fashion-MNIST, MLP 784-1000-1000-1000-10, {setting}, seeds {seeds}; final test accuracy "
         "in % (mean ± sample std over the seeds, the number of seeds in brackets).",
         "",
-        "| method | " + " | ".join(label(e) for e in budgets) + " |",
-        "|---|" + "---|" * len(budgets),
+        *header,
     ]
     for method in methods:
         row = []
@@ -105,8 +105,7 @@ def main() -> None:
         f"{args.candidate} − method at the same {'budget' if by_epochs else 'sparsity'} (points of final accuracy, paired seeds; "
         "mean [bootstrap 95% interval]):",
         "",
-        "| method | " + " | ".join(label(e) for e in budgets) + " |",
-        "|---|" + "---|" * len(budgets),
+        *header,
     ]
     for method in methods:
         if method == args.candidate:
