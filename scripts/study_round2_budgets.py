@@ -1,12 +1,12 @@
 """Accuracy against the epoch budget in round two (configs/study_round2_budget*.toml and the
-3-epoch study configs/study_round2.toml): per method and budget E, the final test accuracy
-(mean ± sample std over the paired seeds), DAST2 minus each method at the same budget (paired,
-with a bootstrap 95% interval over the seeds), and the smallest budget whose mean reaches the
-reference (SET after 10 epochs, runs/round2-set10). Each budget is its own run with every
-schedule laid over its E epochs, not a point read off a longer run.
+tuned 3-epoch study configs/study_round2_tuned.toml): per method and budget E, the final test
+accuracy (mean ± sample std over the paired seeds), DAST2 minus each method at the same budget
+(paired, with a bootstrap 95% interval over the seeds), and the smallest budget whose mean reaches
+the reference (SET after 10 epochs). Each budget is its own run with every schedule laid over its
+E epochs, not a point read off a longer run.
 
-    python scripts/study_round2_budgets.py \\
-        runs/study-round2-e1 runs/study-round2 runs/study-round2-e5 runs/study-round2-e10 runs/round2-set10
+    python scripts/study_round2_budgets.py runs/study-round2-e1 runs/study-round2-e2 \\
+        runs/study-round2-tuned runs/study-round2-e5 runs/study-round2-e10 runs/study-round2-e20
 
 Writes the table to --out (default docs/results/study_round2_budgets.md) and the figure to
 --figure (default docs/figures/round2_budgets.png), and prints the table. With --by density the
@@ -31,10 +31,11 @@ from neuroplast.experiments.report import CellResult
 
 DEFAULT_STUDIES = [
     "runs/study-round2-e1",
-    "runs/study-round2",
+    "runs/study-round2-e2",
+    "runs/study-round2-tuned",
     "runs/study-round2-e5",
     "runs/study-round2-e10",
-    "runs/round2-set10",
+    "runs/study-round2-e20",
 ]
 
 
@@ -66,7 +67,7 @@ def main() -> None:
     parser.add_argument("studies", nargs="*", type=Path, default=[Path(p) for p in DEFAULT_STUDIES])
     parser.add_argument("--methods", nargs="+", default=["dast2", "snfs", "rigl", "set", "wast", "dense"])
     parser.add_argument("--candidate", default="dast2")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--by", choices=["epochs", "density"], default="epochs", help="the column: budget or sparsity")
     parser.add_argument("--reference", default="set:10", help="method:budget whose mean is the target ('' for none)")
     parser.add_argument("--out", type=Path, default=Path("docs/results/study_round2_budgets.md"))

@@ -280,3 +280,22 @@ def test_cache_skips_a_folder_it_cannot_write(toy_source, monkeypatch):
     load_toy()
     load_toy()
     assert len(decodes) == 2  # no cache, no error
+
+
+def test_validation_split_holds_out_the_last_training_samples_and_drops_the_test_set():
+    from neuroplast.data import validation_split
+
+    data = load_dataset("digits", flatten=True)
+    data.extras.update(
+        train_masks=torch.arange(len(data.y_train)), test_masks=torch.zeros(3), informative=torch.ones(2)
+    )
+    split = validation_split(data, 300)
+    n = len(data.y_train)
+    assert torch.equal(split.x_train, data.x_train[: n - 300]) and torch.equal(split.y_train, data.y_train[: n - 300])
+    assert torch.equal(split.x_test, data.x_train[n - 300 :]) and torch.equal(split.y_test, data.y_train[n - 300 :])
+    assert torch.equal(split.extras["train_masks"], torch.arange(n - 300))
+    assert torch.equal(split.extras["test_masks"], torch.arange(n - 300, n))  # the held-out rows, not the test set's
+    assert torch.equal(split.extras["informative"], data.extras["informative"])
+    for bad in (0, n):
+        with pytest.raises(ValueError, match=f"validation {bad} must be between 1 and {n - 1}"):
+            validation_split(data, bad)

@@ -263,3 +263,27 @@ def test_first_layer_share_of_a_random_topology_is_near_the_random_share(backend
             layer.weight_mask[:, informative] = True
         assert first_layer_share(model, 200, informative) == 1.0
     assert math.isfinite(share)
+
+
+def test_training_flops_follow_the_rigl_accounting():
+    from neuroplast.dst.analysis import dense_epoch_flops, training_flops
+
+    # one sparse 100 x 10 layer at density 0.1 and a dense 10 x 2 classifier; one update per epoch
+    layers = [{"name": "a", "density": 0.1, "nnz": 100}, {"name": "b", "density": 1.0, "nnz": 20}]
+    update = {"step": 5, "layers": [{"name": "a", "live": 100, "grown": 10}, {"name": "b", "live": 20, "grown": 0}]}
+    records = [{"epoch": e, "layers": layers, "updates": [update]} for e in (1, 2)]
+    samples, batch = 640, 64
+    live, dense = 2 * 120, 2 * 1020  # forward FLOPs per sample
+    assert dense_epoch_flops(records, samples) == samples * 3 * dense
+    assert training_flops(records, "dense", samples, batch) == [samples * 3 * dense, 2 * samples * 3 * dense]
+    sparse = samples * 3 * live
+    assert training_flops(records, "set", samples, batch) == [sparse, 2 * sparse]
+    assert training_flops(records, "rigl", samples, batch)[0] == sparse + batch * (
+        dense - live
+    )  # dense grad per update
+    assert training_flops(records, "snfs", samples, batch)[0] == sparse + samples * (dense - live)  # ... every step
+    # DAST2: exact gradients of ceil(10 x 10) = 100 candidates (of 900 empty positions) per update
+    assert training_flops(records, "dast2", samples, batch)[0] == sparse + batch * 2 * 100
+    assert (
+        training_flops(records, "dast2", samples, batch, {"candidate_multiple": 200.0})[0] == sparse + batch * 2 * 900
+    )

@@ -226,3 +226,20 @@ def test_real_fashion_mnist_one_epoch_sparse(tmp_path):
     summary = train(config, tmp_path, progress=False, log=None)
     assert summary["final_test_accuracy"] > 0.78
     assert summary["final_density"] == pytest.approx(0.1, abs=1e-4)
+
+
+def test_validation_runs_score_the_held_out_training_samples_never_the_test_set(tmp_path):
+    from neuroplast.data import load_dataset
+    from neuroplast.train.trainer import Run
+
+    data = load_dataset("digits", flatten=True)
+    config = RunConfig(dataset="digits", method="rigl", hidden=[32], epochs=1, validation=200)
+    run = Run(config)
+    assert torch.equal(run.data.x_test, data.x_train[-200:]) and len(run.data.y_train) == len(data.y_train) - 200
+    lines = []
+    train(config, tmp_path / "run", progress=False, log=lines.append)
+    assert "val_acc" in lines[-1] and "test_acc" not in lines[-1]
+    with pytest.raises(ConfigError, match="validation -1 must be >= 0"):
+        RunConfig(validation=-1).validate()
+    with pytest.raises(ConfigError, match="validation 5000 must be between 1 and"):
+        Run(RunConfig(dataset="digits", hidden=[32], validation=5000))

@@ -55,6 +55,8 @@ HELP = {
     "articulated_test": "articulated: test samples",
     "standardize": "images: standardise with one mean/std per channel (channel) or per pixel (feature, a pixel "
     "that never varies becomes 0); generated tabular sets are always per feature",
+    "validation": "N > 0: hold out the last N training samples and evaluate on them instead of the test set "
+    "(for choosing settings; the test set is never read)",
     "own_block": "vit with moba: always attend to the query's own block",
     "full_layers": "vit with moba: the last N layers use dense attention",
     "key_conv": "vit with moba: width of a depthwise convolution on the keys (default: off)",

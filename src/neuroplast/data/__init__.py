@@ -10,6 +10,7 @@ from neuroplast.data.articulated import (
     generate,
     load_articulated,
 )
+from neuroplast.data.dataset import validation_split
 from neuroplast.data.datasets import (
     DATASETS,
     Dataset,
@@ -38,4 +39,5 @@ __all__ = [
     "load_dataset",
     "parse_idx",
     "read_cifar10_tarball",
+    "validation_split",
 ]

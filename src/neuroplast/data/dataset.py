@@ -33,6 +33,33 @@ class Dataset:
         return c * h * w
 
 
+def validation_split(data: Dataset, samples: int) -> Dataset:
+    """`data` with its last `samples` training samples as the evaluation split and the rest as
+    the training split: the test set is left out entirely, for choosing settings without ever
+    scoring on it. Extras named `train_*` are split the same way (their `test_*` counterparts
+    become the held-out rows); other extras are kept. The standardisation statistics stay those of
+    the whole training set (inputs only, no labels)."""
+    n = len(data.y_train)
+    if not 0 < samples < n:
+        raise ValueError(f"validation {samples!r} must be between 1 and {n - 1} (the training samples are {n})")
+    extras = {k: v for k, v in data.extras.items() if not k.startswith(("train_", "test_"))}
+    for key, value in data.extras.items():
+        if key.startswith("train_"):
+            extras[key] = value[:-samples]
+            extras["test_" + key[len("train_") :]] = value[-samples:]
+    return Dataset(
+        f"{data.name} (validation: last {samples} training samples)",
+        data.x_train[:-samples],
+        data.y_train[:-samples],
+        data.x_train[-samples:],
+        data.y_train[-samples:],
+        data.image_shape,
+        data.num_classes,
+        data.origin,
+        extras,
+    )
+
+
 def reduction_setting() -> str:
     """What the rounding of a float reduction depends on in this process."""
     return f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"

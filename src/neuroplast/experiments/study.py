@@ -117,9 +117,9 @@ def is_finished(folder: Path, config: RunConfig) -> bool:
 
 def _add_cells(grid: Grid, out: Path, root: Path, config_for: Callable[[str, float, int], RunConfig]) -> None:
     """Fill `grid.cells`: one per (method, density, seed), in `root/<method>/d<density>/seed<seed>`."""
-    for method in grid.methods:
-        for density in grid.densities:
-            for seed in grid.seeds:
+    for seed in grid.seeds:  # seed-major: a study stopped early has every method at the first seeds
+        for method in grid.methods:
+            for density in grid.densities:
                 folder = root / method / density_folder(density) / f"seed{seed}"
                 config = config_for(method, density, seed)
                 grid.cells.append(

@@ -138,6 +138,29 @@ def _check_positive(**values) -> None:
             raise SelectionError(f"{name} {value!r} must be a positive integer")
 
 
+def _sparse_sgd(
+    model: nn.Module,
+    generator: torch.Generator,
+    density: float,
+    distribution: str,
+    epsilon: float | None = None,
+    *,
+    lr: float,
+    momentum: float,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+) -> tuple[Topology, torch.optim.SGD]:
+    """Sparsify `model` in place (`sparsify`'s density, distribution and epsilon; the masks drawn
+    from `generator`) and make its SGD optimizer, attached so that every layer's pruned weights
+    stay zero."""
+    topology = sparsify(model, density=density, distribution=distribution, epsilon=epsilon, generator=generator)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay
+    )
+    topology.attach(optimizer)
+    return topology, optimizer
+
+
 # -- QuickSelection ----------------------------------------------------------------------------
 @register_method("quickselection", supervised=False, summary="sparse denoising autoencoder (SET), neuron strength")
 def quickselection_scores(
@@ -167,9 +190,9 @@ def quickselection_scores(
     generator = _seeded(seed)
     clean = _tensor(x)
     model = _autoencoder(clean.shape[1], hidden, dropout)
-    topology = sparsify(model, density=1.0, distribution="er", epsilon=epsilon, generator=generator)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    topology.attach(optimizer)
+    topology, optimizer = _sparse_sgd(
+        model, generator, 1.0, "er", epsilon, lr=lr, momentum=momentum, weight_decay=weight_decay
+    )
     steps = math.ceil(len(clean) / batch_size)
     engine = DSTEngine(topology, preset("set", drop_fraction=drop_fraction), epochs * steps, steps, seed)
     # a fixed corruption is drawn once (the inputs are the noisy copy, the targets stay clean)
@@ -280,9 +303,7 @@ def attention_autoencoder(
     generator = _seeded(seed)
     clean = _tensor(x)
     model = _autoencoder(clean.shape[1], hidden)
-    topology = sparsify(model, density=density, distribution="uniform", generator=generator)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
-    topology.attach(optimizer)
+    topology, optimizer = _sparse_sgd(model, generator, density, "uniform", lr=lr, momentum=0.9, nesterov=True)
     steps = math.ceil(len(clean) / batch_size)
     algorithm = Algorithm(
         description, UpdateSchedule(update_every=1, drop_fraction=drop_fraction), AttentionDrop(), grow
@@ -361,9 +382,7 @@ def dast_scores(
     inputs, labels = _tensor(x), torch.as_tensor(y, dtype=torch.int64)
     classes = int(labels.max()) + 1
     model = MLP(inputs.shape[1], tuple(hidden), classes)
-    topology = sparsify(model, density=density, distribution="erk", generator=generator)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
-    topology.attach(optimizer)
+    topology, optimizer = _sparse_sgd(model, generator, density, "erk", lr=lr, momentum=0.9, nesterov=True)
     steps = math.ceil(len(inputs) / batch_size)
     engine = DSTEngine(topology, preset("dast", update_every=update_every), epochs * steps, steps, seed)
     importance = engine.signals["importance"]
@@ -507,9 +526,9 @@ def neurofs_scores(
     for n_in, n_out in zip(widths[:-1], widths[1:]):
         blocks += [nn.Linear(n_in, n_out), nn.Tanh()]
     model = nn.Sequential(*blocks, nn.Linear(widths[-1], int(labels.max()) + 1))
-    topology = sparsify(model, density=1.0, distribution="er", epsilon=epsilon, generator=generator)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    topology.attach(optimizer)  # keeps every layer's pruned weights zero
+    topology, optimizer = _sparse_sgd(
+        model, generator, 1.0, "er", epsilon, lr=lr, momentum=momentum, weight_decay=weight_decay
+    )
     first = next(iter(topology.layers))
     hidden_layers = Topology({n: l for n, l in topology.layers.items() if n != first}, model)
     hidden_layers.optimizers.append(optimizer)  # the engine rewires these; `topology` already masks them

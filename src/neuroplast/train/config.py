@@ -132,6 +132,7 @@ class RunConfig(PlainConfig):
     articulated_train: int = 20000  # training samples
     articulated_test: int = 4000  # test samples
     standardize: str = "channel"  # images: per-channel or per-feature training statistics
+    validation: int = 0  # > 0: evaluate on the last N training samples, never on the test set
     # sparsity
     method: str = "set"
     density: float = 0.05
@@ -217,6 +218,8 @@ class RunConfig(PlainConfig):
         for key in ("lr", "weight_decay", "momentum"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} {getattr(self, key)!r} must be >= 0")
+        if self.validation < 0:
+            raise ConfigError(f"validation {self.validation!r} must be >= 0 (0: evaluate on the test set)")
         if self.lr_gamma <= 0:
             raise ConfigError(f"lr_gamma {self.lr_gamma!r} must be > 0")
         if not 0 <= self.seed < 2**32:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neuroplast.data import BatchIterator, Dataset, load_dataset
+from neuroplast.data import BatchIterator, Dataset, load_dataset, validation_split
 from neuroplast.dst import DSTEngine, preset
 from neuroplast.models import build_model
 from neuroplast.sparse import Topology, select_layers, sparsify
@@ -156,6 +156,11 @@ class Run:
         self.device = resolve_device(config.device)
         seed_everything(config.seed)
         self.data = dataset or load_dataset(config.dataset, flatten=config.model == "mlp", **config.dataset_options())
+        if config.validation:
+            try:
+                self.data = validation_split(self.data, config.validation)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
         joints = self.data.extras["train_joint_angles"].shape[1] if config.joint_head else 0
         try:
             self.model = model_for(config, self.data.image_shape, self.data.num_classes, joints).to(self.device)
@@ -384,6 +389,7 @@ def train(
     history = read_metrics(out / "metrics.jsonl") if out is not None else []
     if log and run.epoch == 0:
         log(f"{config.method} on {run.data.name} ({run.data.origin}): {config.model}, density {run.density():.4f}")
+    split = "val" if config.validation else "test"  # the evaluation split's name in the log
     bar = progress_bar(progress)
     if bar is not None:
         bar.start()
@@ -409,8 +415,8 @@ def train(
                 save_checkpoint(out, *run.state())
             if log:
                 log(
-                    f"epoch {run.epoch:>3}/{config.epochs}  train_loss {train_loss:.4f}  test_loss {test_loss:.4f}  "
-                    f"test_acc {test_acc:.4f}  density {record['density']:.4f}  r_s {record['r_s']:.3f}  {seconds:.1f}s"
+                    f"epoch {run.epoch:>3}/{config.epochs}  train_loss {train_loss:.4f}  {split}_loss {test_loss:.4f}  "
+                    f"{split}_acc {test_acc:.4f}  density {record['density']:.4f}  r_s {record['r_s']:.3f}  {seconds:.1f}s"
                 )
             if on_epoch_end is not None:
                 on_epoch_end(record)
