@@ -27,6 +27,16 @@ from neuroplast.experiments.runner import cached_dataset
 from neuroplast.train.checkpoint import find_checkpoint, load_checkpoint
 
 KNOWN_FEATURES = ("synthetic", "fashion-mnist-noise")  # datasets whose informative features are known
+# The round's studies of one setting at each epoch budget (configs/study_round2_budget*.toml and the
+# tuned 3-epoch study), read by study_round2_budgets.py and study_round2_speed.py.
+BUDGET_STUDIES = [
+    "runs/study-round2-e1",
+    "runs/study-round2-e2",
+    "runs/study-round2-tuned",
+    "runs/study-round2-e5",
+    "runs/study-round2-e10",
+    "runs/study-round2-e20",
+]
 
 
 def bootstrap_ci(values: list[float], resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:

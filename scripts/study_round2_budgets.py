@@ -25,18 +25,9 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from study_round2 import bootstrap_ci, cells_of, mean_std
+from study_round2 import BUDGET_STUDIES, bootstrap_ci, cells_of, mean_std
 
 from neuroplast.experiments.report import CellResult
-
-DEFAULT_STUDIES = [
-    "runs/study-round2-e1",
-    "runs/study-round2-e2",
-    "runs/study-round2-tuned",
-    "runs/study-round2-e5",
-    "runs/study-round2-e10",
-    "runs/study-round2-e20",
-]
 
 
 def budget_of(cell: CellResult) -> int:
@@ -64,7 +55,7 @@ def collect(folders: list[Path], seeds: set[int], key=budget_of) -> dict[str, di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("studies", nargs="*", type=Path, default=[Path(p) for p in DEFAULT_STUDIES])
+    parser.add_argument("studies", nargs="*", type=Path, default=[Path(p) for p in BUDGET_STUDIES])
     parser.add_argument("--methods", nargs="+", default=["dast2", "snfs", "rigl", "set", "wast", "dense"])
     parser.add_argument("--candidate", default="dast2")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])

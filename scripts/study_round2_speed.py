@@ -23,19 +23,10 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from study_round2 import cells_of
+from study_round2 import BUDGET_STUDIES, cells_of
 
 from neuroplast.dst.analysis import dense_epoch_flops, training_flops
 from neuroplast.train.trainer import read_metrics
-
-DEFAULT_STUDIES = [
-    "runs/study-round2-e1",
-    "runs/study-round2-e2",
-    "runs/study-round2-tuned",
-    "runs/study-round2-e5",
-    "runs/study-round2-e10",
-    "runs/study-round2-e20",
-]
 
 
 def curves(folders: list[Path], seeds: set[int]) -> dict[str, dict[int, dict[int, dict]]]:
@@ -72,7 +63,7 @@ def first_reach(run: dict, target: float) -> int | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("studies", nargs="*", type=Path, default=[Path(p) for p in DEFAULT_STUDIES])
+    parser.add_argument("studies", nargs="*", type=Path, default=[Path(p) for p in BUDGET_STUDIES])
     parser.add_argument("--methods", nargs="+", default=["dast2", "snfs", "rigl", "set", "wast", "dense"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--targets", nargs="+", default=["0.87", "set:10"])
