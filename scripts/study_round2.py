@@ -62,6 +62,17 @@ def cells_of(out: Path) -> dict[str, dict[str, dict[int, CellResult]]]:
     return {grid: grids[grid] for grid in ("study", "ablation") if grid in grids}
 
 
+def study_cells(folders: list[Path]):
+    """(method, seed, cell) of every study-grid cell in `folders` (a missing folder is noted and skipped)."""
+    for folder in folders:
+        if not folder.exists():
+            print(f"note: {folder} does not exist; skipped")
+            continue
+        for method, by_seed in cells_of(folder).get("study", {}).items():
+            for seed, cell in by_seed.items():
+                yield method, seed, cell
+
+
 def dataset_of(cell: CellResult) -> str:
     return json.loads((cell.folder / "summary.json").read_text())["config"]["dataset"]
 

@@ -25,7 +25,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from study_round2 import BUDGET_STUDIES, bootstrap_ci, cells_of, mean_std
+from study_round2 import BUDGET_STUDIES, bootstrap_ci, mean_std, study_cells
 
 from neuroplast.experiments.report import CellResult
 
@@ -42,14 +42,9 @@ def sparsity_of(cell: CellResult) -> float:
 def collect(folders: list[Path], seeds: set[int], key=budget_of) -> dict[str, dict[float, dict[int, float]]]:
     """method -> key (budget or sparsity) -> seed -> final test accuracy (each folder's study grid)."""
     results: dict[str, dict[int, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
-    for folder in folders:
-        if not folder.exists():
-            print(f"note: {folder} does not exist; skipped")
-            continue
-        for method, by_seed in cells_of(folder).get("study", {}).items():
-            for seed, cell in by_seed.items():
-                if seed in seeds and len(cell.test_accuracy) == budget_of(cell):
-                    results[method][key(cell)][seed] = cell.test_accuracy[-1]
+    for method, seed, cell in study_cells(folders):
+        if seed in seeds and len(cell.test_accuracy) == budget_of(cell):
+            results[method][key(cell)][seed] = cell.test_accuracy[-1]
     return results
 
 

@@ -23,7 +23,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from study_round2 import BUDGET_STUDIES, cells_of
+from study_round2 import BUDGET_STUDIES, study_cells
 
 from neuroplast.dst.analysis import dense_epoch_flops, training_flops
 from neuroplast.train.trainer import read_metrics
@@ -32,27 +32,22 @@ from neuroplast.train.trainer import read_metrics
 def curves(folders: list[Path], seeds: set[int]) -> dict[str, dict[int, dict[int, dict]]]:
     """method -> budget -> seed -> {accuracy, steps, flops, seconds} per epoch (finished runs only)."""
     out: dict[str, dict[int, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
-    for folder in folders:
-        if not folder.exists():
-            print(f"note: {folder} does not exist; skipped")
+    for method, seed, cell in study_cells(folders):
+        config = json.loads((cell.folder / "summary.json").read_text())["config"]
+        records = read_metrics(cell.folder / "metrics.jsonl")
+        if seed not in seeds or len(records) != config["epochs"]:
             continue
-        for method, by_seed in cells_of(folder).get("study", {}).items():
-            for seed, cell in by_seed.items():
-                config = json.loads((cell.folder / "summary.json").read_text())["config"]
-                records = read_metrics(cell.folder / "metrics.jsonl")
-                if seed not in seeds or len(records) != config["epochs"]:
-                    continue
-                samples = 60_000 - config.get("validation", 0)
-                steps_per_epoch = math.ceil(samples / config["batch_size"])
-                flops = training_flops(records, method, samples, config["batch_size"], config.get("dst"))
-                unit = dense_epoch_flops(records, samples)
-                out[method][config["epochs"]][seed] = {
-                    "accuracy": [r["test_accuracy"] for r in records],
-                    "epoch": [r["epoch"] for r in records],
-                    "steps": [steps_per_epoch * r["epoch"] for r in records],
-                    "flops": [f / unit for f in flops],
-                    "seconds": [sum(r["train_seconds"] for r in records[: i + 1]) for i in range(len(records))],
-                }
+        samples = 60_000 - config.get("validation", 0)
+        steps_per_epoch = math.ceil(samples / config["batch_size"])
+        flops = training_flops(records, method, samples, config["batch_size"], config.get("dst"))
+        unit = dense_epoch_flops(records, samples)
+        out[method][config["epochs"]][seed] = {
+            "accuracy": [r["test_accuracy"] for r in records],
+            "epoch": [r["epoch"] for r in records],
+            "steps": [steps_per_epoch * r["epoch"] for r in records],
+            "flops": [f / unit for f in flops],
+            "seconds": [sum(r["train_seconds"] for r in records[: i + 1]) for i in range(len(records))],
+        }
     return out
 
 

@@ -71,6 +71,33 @@ def test_activity_is_a_moving_average_and_grad_at_is_the_exact_gradient():
     activity.remove()
 
 
+def test_attribution_src_is_the_centred_attribution_and_ignores_an_input_the_loss_ignores():
+    """attribution_src: I_src is the moving average of |(a - E[a]) dL/da| (an autograd oracle);
+    an input that varies but whose weights are all zero gets none, though its activity is large."""
+    beta = 0.5
+    model, topology = make_sparse(density=1.0)
+    layer = topology.layers["features.0"]
+    with torch.no_grad():
+        layer.parameter.view(layer.shape)[:, 5] = 0.0  # the loss cannot see input 5
+    activity = NeuronActivity(topology.layers, beta=beta, attribution=True)
+    expected = torch.zeros(8)
+    for seed in range(2):
+        x, y = batch(seed)
+        oracle_x = x.clone().requires_grad_(True)
+        model.zero_grad()
+        nn.functional.cross_entropy(model(oracle_x), y).backward()
+        oracle_grad = oracle_x.grad.clone()
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        activity.update()
+        expected = beta * expected + (1 - beta) * ((x - x.mean(0)) * oracle_grad).abs().mean(0)
+    src = activity.src["features.0"]
+    torch.testing.assert_close(src, expected)
+    assert float(src[5]) == 0.0 and float((x[:, 5] - x[:, 5].mean()).abs().mean()) > 0.1
+    activity.remove()
+    assert preset("dast2", attribution_src=True).grow.needs["activity"]["attribution"] is True
+
+
 def test_sampler_with_tau_zero_and_no_random_share_grows_the_top_exact_gradient_candidates():
     """tau -> 0, no random share: the candidates are the m empty positions of largest attention
     score, and the n grown are those of largest |exact gradient| among them."""

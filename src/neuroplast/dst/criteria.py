@@ -681,6 +681,9 @@ class SupervisedAttentionGrow(GrowCriterion):
     redistribute_attention: bool = knob(
         False, "dast2: share growth across layers by their mean attention score over live weights"
     )
+    attribution_src: bool = knob(
+        False, "dast2: I_src is the centred attribution |(a - E[a]) dL/da| per input neuron, not |a - E[a]|"
+    )
 
     def __post_init__(self):
         _check_unit(self, "random_start", "random_end")
@@ -694,7 +697,7 @@ class SupervisedAttentionGrow(GrowCriterion):
 
     @property
     def needs(self) -> dict[str, dict]:
-        return {"activity": {"beta": self.activity_beta}}
+        return {"activity": {"beta": self.activity_beta, "attribution": self.attribution_src}}
 
     def tau(self, progress: float) -> float:
         return cosine(self.tau_start, self.tau_end, progress)

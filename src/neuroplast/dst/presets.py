@@ -134,6 +134,9 @@ PRESETS: dict[str, Algorithm] = {
     "dast2-no-stochastic-drop": replace(_DAST2.with_knobs(drop_tau=0.0), name="dast2-no-stochastic-drop"),
     "dast2-no-normalise": replace(_DAST2.with_knobs(neuron_normalised=False), name="dast2-no-normalise"),
     "dast2-no-protect": replace(_DAST2.with_knobs(protect_grown=False), name="dast2-no-protect"),
+    # A candidate, not an ablation: I_src is the centred attribution |(a - E[a]) dL/da| (WAST's and
+    # DAST's input signal) instead of the activity |a - E[a]|, which is blind to noise features
+    "dast2-attribution": replace(_DAST2.with_knobs(attribution_src=True), name="dast2-attribution"),
 }
 METHODS = tuple(PRESETS)
 

@@ -108,6 +108,12 @@ class _NeuronScores(_Hooks):
     src: dict[str, torch.Tensor]
     dst: dict[str, torch.Tensor]
 
+    def _input_needs_grad(self, module, args):
+        """The first layer's input (the data) needs a gradient for its neurons' attribution."""
+        if self.active(module) and args and torch.is_tensor(args[0]) and not args[0].requires_grad:
+            return (args[0].detach().requires_grad_(True), *args[1:])
+        return None
+
     def state(self) -> dict[str, torch.Tensor]:
         return {**{f"src.{k}": v for k, v in self.src.items()}, **{f"dst.{k}": v for k, v in self.dst.items()}}
 
@@ -139,12 +145,6 @@ class NeuronImportance(_NeuronScores):
             conv = isinstance(layer.module, nn.Conv2d)
             self.handles.append(layer.module.register_forward_pre_hook(self._input_needs_grad))
             self.handles.append(layer.module.register_forward_hook(self._make_hook(name, conv)))
-
-    def _input_needs_grad(self, module, args):
-        """The first layer's input (the data) needs a gradient for its neurons' attribution."""
-        if self.active(module) and args and torch.is_tensor(args[0]) and not args[0].requires_grad:
-            return (args[0].detach().requires_grad_(True), *args[1:])
-        return None
 
     def _make_hook(self, name: str, conv: bool):
         def accumulate(store: dict[str, torch.Tensor], activation: torch.Tensor):
@@ -202,12 +202,16 @@ class NeuronActivity(_NeuronScores):
     averages `src` (|a - E[a]| per input neuron) and `dst` (|dL/dz| per output neuron), and the
     last batch's inputs and output errors for `grad_at`."""
 
-    def __init__(self, layers: dict[str, SparseLayer], beta: float = 0.9):
+    def __init__(self, layers: dict[str, SparseLayer], beta: float = 0.9, attribution: bool = False):
         super().__init__(layers)
         _linear_only(layers, "supervised attention")
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"activity beta {beta!r} must be in [0, 1)")
         self.beta = beta
+        # attribution: `src` averages the centred attribution |(a - E[a]) * dL/da| per input
+        # neuron instead of the activity |a - E[a]| (zero for an input the loss ignores)
+        self.attribution = attribution
+        self.input_grads: dict[str, torch.Tensor] = {}  # the last batch's dL/da, (samples, in)
         self.src: dict[str, torch.Tensor] = {}
         self.dst: dict[str, torch.Tensor] = {}
         self.inputs: dict[str, torch.Tensor] = {}  # the last batch's inputs, (samples, in)
@@ -217,6 +221,8 @@ class NeuronActivity(_NeuronScores):
             device = layer.parameter.device
             self.src[name] = torch.zeros(layer.shape[1], device=device)
             self.dst[name] = torch.zeros(layer.shape[0], device=device)
+            if attribution:
+                self.handles.append(layer.module.register_forward_pre_hook(self._input_needs_grad))
             self.handles.append(layer.module.register_forward_hook(self._make_hook(name)))
 
     def _make_hook(self, name: str):
@@ -224,11 +230,16 @@ class NeuronActivity(_NeuronScores):
             self.errors[name] = grad.detach().reshape(-1, grad.shape[-1])
             self._fresh.add(name)
 
+        def keep_input_grad(grad: torch.Tensor) -> None:
+            self.input_grads[name] = grad.detach().reshape(-1, grad.shape[-1])
+
         def forward_hook(module, args, output):
             if not self.active(module) or not output.requires_grad:
                 return
             self.inputs[name] = args[0].detach().reshape(-1, args[0].shape[-1])
             output.register_hook(keep_error)
+            if self.attribution and args[0].requires_grad:
+                args[0].register_hook(keep_input_grad)
 
         return forward_hook
 
@@ -237,7 +248,11 @@ class NeuronActivity(_NeuronScores):
         """Fold in the batch just trained on (call after the optimizer step)."""
         for name in self._fresh:
             x, error = self.inputs[name].float(), self.errors[name].float()
-            for average, batch in ((self.src, centred(x).abs().mean(0)), (self.dst, error.abs().mean(0))):
+            src = centred(x)
+            if self.attribution:
+                grad = self.input_grads.pop(name, None)
+                src = src * grad.float() if grad is not None else torch.zeros_like(src)
+            for average, batch in ((self.src, src.abs().mean(0)), (self.dst, error.abs().mean(0))):
                 average[name] = self.beta * average[name] + (1 - self.beta) * batch.to(average[name].device)
         self._fresh = set()
 
