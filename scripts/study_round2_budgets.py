@@ -9,7 +9,8 @@ E epochs, not a point read off a longer run.
         runs/study-round2-tuned runs/study-round2-e5 runs/study-round2-e10 runs/study-round2-e20
 
 Writes the table to --out (default docs/results/study_round2_budgets.md) and the figure to
---figure (default docs/figures/round2_budgets.png), and prints the table. With --by density the
+--figure (default docs/figures/round2_budgets.png), the learning curves of every budget to --curves
+(default docs/figures/round2_budget_curves.png), and prints the table. With --by density the
 same against the sparsity (3-epoch budget, configs/study_round2_d*.toml), no target:
 
     python scripts/study_round2_budgets.py --by density runs/study-round2-d90 runs/study-round2 \
@@ -58,6 +59,12 @@ def main() -> None:
     parser.add_argument("--reference", default="set:10", help="method:budget whose mean is the target ('' for none)")
     parser.add_argument("--out", type=Path, default=Path("docs/results/study_round2_budgets.md"))
     parser.add_argument("--figure", type=Path, default=Path("docs/figures/round2_budgets.png"))
+    parser.add_argument(
+        "--curves",
+        type=Path,
+        default=Path("docs/figures/round2_budget_curves.png"),
+        help="with --by epochs: the learning curves of every budget, one panel each",
+    )
     args = parser.parse_args()
     by_epochs = args.by == "epochs"
     results = collect(args.studies, set(args.seeds), budget_of if by_epochs else sparsity_of)
@@ -155,6 +162,40 @@ def main() -> None:
     args.figure.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.figure, dpi=120)
     print(f"figure: {args.figure}")
+    if by_epochs:
+        curves_figure(args.studies, set(args.seeds), methods, budgets, args.candidate, args.curves)
+        print(f"figure: {args.curves}")
+
+
+def curves_figure(folders, seeds, methods, budgets, candidate, path: Path) -> None:
+    """One panel per budget: each method's mean test accuracy over the seeds after every epoch."""
+    import matplotlib.pyplot as plt
+
+    curves: dict[str, dict[int, list[list[float]]]] = defaultdict(lambda: defaultdict(list))
+    for method, seed, cell in study_cells(folders):
+        if seed in seeds and len(cell.test_accuracy) == budget_of(cell):
+            curves[method][budget_of(cell)].append(cell.test_accuracy)
+    fig, axes = plt.subplots(1, len(budgets), figsize=(2.6 * len(budgets), 3.2), sharey=True, squeeze=False)
+    for ax, budget in zip(axes[0], budgets):
+        for method in methods:
+            runs = curves[method].get(budget)
+            if runs:
+                mean = [100 * statistics.fmean(epoch) for epoch in zip(*runs)]
+                ax.plot(range(1, budget + 1), mean, marker=".", lw=2 if method == candidate else 1, label=method)
+        ax.set_title(f"E = {budget:g}", fontsize=9)
+        ax.set_xticks(range(1, budget + 1, max(1, budget // 5)))
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy (%), mean over seeds")
+    axes[0][0].set_ylim(bottom=80)
+    handles = {}
+    for ax in axes[0]:
+        handles.update(zip(ax.get_legend_handles_labels()[1], ax.get_legend_handles_labels()[0]))
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles), fontsize=8)
+    fig.suptitle("Fashion-MNIST, 95% sparsity: learning curves per epoch budget", fontsize=9)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
