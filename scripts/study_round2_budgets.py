@@ -13,7 +13,7 @@ Writes the table to --out (default docs/results/study_round2_budgets.md) and the
 (default docs/figures/round2_budget_curves.png), and prints the table. With --by density the
 same against the sparsity (3-epoch budget, configs/study_round2_d*.toml), no target:
 
-    python scripts/study_round2_budgets.py --by density runs/study-round2-d90 runs/study-round2 \
+    python scripts/study_round2_budgets.py --by density runs/study-round2-d90 runs/study-round2-tuned \
         runs/study-round2-d98 runs/study-round2-d99 --out docs/results/study_round2_sparsity.md \
         --figure docs/figures/round2_sparsity.png
 """
@@ -40,12 +40,13 @@ def sparsity_of(cell: CellResult) -> float:
     return round(100 * (1 - cell.density), 6)
 
 
-def collect(folders: list[Path], seeds: set[int], key=budget_of) -> dict[str, dict[float, dict[int, float]]]:
-    """method -> key (budget or sparsity) -> seed -> final test accuracy (each folder's study grid)."""
-    results: dict[str, dict[int, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+def collect(folders: list[Path], seeds: set[int], key=budget_of) -> dict[str, dict[float, dict[int, list[float]]]]:
+    """method -> key (budget or sparsity) -> seed -> test accuracy after every epoch (each folder's
+    study grid, finished runs only)."""
+    results: dict[str, dict[int, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(dict))
     for method, seed, cell in study_cells(folders):
         if seed in seeds and len(cell.test_accuracy) == budget_of(cell):
-            results[method][key(cell)][seed] = cell.test_accuracy[-1]
+            results[method][key(cell)][seed] = cell.test_accuracy
     return results
 
 
@@ -67,7 +68,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     by_epochs = args.by == "epochs"
-    results = collect(args.studies, set(args.seeds), budget_of if by_epochs else sparsity_of)
+    curves = collect(args.studies, set(args.seeds), budget_of if by_epochs else sparsity_of)
+    results = {
+        m: {k: {s: c[-1] for s, c in by_seed.items()} for k, by_seed in by_key.items()} for m, by_key in curves.items()
+    }
     methods = [m for m in args.methods if m in results]
     budgets = sorted({e for m in methods for e in results[m]})
     label = (lambda e: f"E = {e:g}") if by_epochs else (lambda e: f"{e:g}%")
@@ -163,24 +167,21 @@ def main() -> None:
     fig.savefig(args.figure, dpi=120)
     print(f"figure: {args.figure}")
     if by_epochs:
-        curves_figure(args.studies, set(args.seeds), methods, budgets, args.candidate, args.curves)
+        curves_figure(curves, methods, budgets, args.candidate, args.curves)
         print(f"figure: {args.curves}")
 
 
-def curves_figure(folders, seeds, methods, budgets, candidate, path: Path) -> None:
-    """One panel per budget: each method's mean test accuracy over the seeds after every epoch."""
+def curves_figure(curves, methods, budgets, candidate, path: Path) -> None:
+    """One panel per budget: each method's mean test accuracy over the seeds after every epoch
+    (`curves` as `collect` returns them)."""
     import matplotlib.pyplot as plt
 
-    curves: dict[str, dict[int, list[list[float]]]] = defaultdict(lambda: defaultdict(list))
-    for method, seed, cell in study_cells(folders):
-        if seed in seeds and len(cell.test_accuracy) == budget_of(cell):
-            curves[method][budget_of(cell)].append(cell.test_accuracy)
     fig, axes = plt.subplots(1, len(budgets), figsize=(2.6 * len(budgets), 3.2), sharey=True, squeeze=False)
     for ax, budget in zip(axes[0], budgets):
         for method in methods:
-            runs = curves[method].get(budget)
+            runs = curves.get(method, {}).get(budget)
             if runs:
-                mean = [100 * statistics.fmean(epoch) for epoch in zip(*runs)]
+                mean = [100 * statistics.fmean(epoch) for epoch in zip(*runs.values())]
                 ax.plot(range(1, budget + 1), mean, marker=".", lw=2 if method == candidate else 1, label=method)
         ax.set_title(f"E = {budget:g}", fontsize=9)
         ax.set_xticks(range(1, budget + 1, max(1, budget // 5)))

@@ -60,7 +60,7 @@ def training_flops(
     total, cumulative = 0.0, []
     for record in records:
         layers = record["layers"]
-        sizes = {layer["name"]: round(layer["nnz"] / layer["density"]) for layer in layers if layer["density"] > 0}
+        sizes = _layer_sizes(layers)
         live = sum(layer["nnz"] for layer in layers)
         size = sum(sizes.values())
         sparse_size = sum(sizes[layer["name"]] for layer in layers if 0 < layer["density"] < 1)
@@ -87,5 +87,9 @@ def training_flops(
 def dense_epoch_flops(records: list[dict], samples: int) -> float:
     """Training FLOPs of one epoch of the dense model with the layers of `records` (3 x 2 x all
     weights per sample, as `training_flops` counts dense training)."""
-    layers = records[0]["layers"]
-    return samples * 6.0 * sum(round(layer["nnz"] / layer["density"]) for layer in layers if layer["density"] > 0)
+    return samples * 6.0 * sum(_layer_sizes(records[0]["layers"]).values())
+
+
+def _layer_sizes(layers: list[dict]) -> dict[str, int]:
+    """Each recorded layer's number of positions (live count / density; empty layers left out)."""
+    return {layer["name"]: round(layer["nnz"] / layer["density"]) for layer in layers if layer["density"] > 0}
