@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neuroplast.data.articulated import FAMILIES, load_articulated
-from neuroplast.experiments.parts import visible_joints
-from neuroplast.models.parts import angle_error_degrees
+from neuroplast.data.articulated import FAMILIES, joint_permutations, load_articulated, visible_joints
+from neuroplast.models.parts import angle_error_degrees, permuted_joints
 
 
 def unit(angles: torch.Tensor) -> torch.Tensor:
@@ -38,14 +37,18 @@ def main() -> None:
     torch.manual_seed(args.seed)
     data = load_articulated(size=28, train=args.train, test=args.test)
     x, x_test = data.x_train.view(-1, 1, 28, 28), data.x_test.view(-1, 1, 28, 28)
-    angles, valid = data.extras["train_joint_angles"], data.extras["train_joint_valid"]
+    families = list(FAMILIES)
+    angles = data.extras["train_joint_angles"]
+    valid = visible_joints(data.extras["train_joint_valid"], data.y_train, families)
+    perms = joint_permutations(families)[data.y_train]
     test_angles = data.extras["test_joint_angles"]
-    shown = visible_joints(data.extras["test_joint_valid"], data.y_test, list(FAMILIES))
+    shown = visible_joints(data.extras["test_joint_valid"], data.y_test, families)
+    test_perms = joint_permutations(families)[data.y_test]
     joints = angles.shape[1]
 
     weights = valid.float()
     mean = F.normalize((unit(angles) * weights[..., None]).sum(0), dim=-1)
-    constant = float(angle_error_degrees(mean.expand(len(x_test), -1, -1), test_angles, shown))
+    constant = float(angle_error_degrees(mean.expand(len(x_test), -1, -1), test_angles, shown, test_perms))
     print(f"best constant answer: {constant:.1f} degrees")
 
     net = nn.Sequential(
@@ -58,15 +61,21 @@ def main() -> None:
         start = time.perf_counter()
         for rows in torch.randperm(len(x)).split(128):
             predicted = F.normalize(net(x[rows]).view(-1, joints, 2), dim=-1)
-            error = (predicted - unit(angles[rows])).square().sum(-1)
-            loss = (error * weights[rows]).sum() / weights[rows].sum()
+            # each sample against the relabelling of its joints that fits best (left/right limbs)
+            true, mask = permuted_joints(angles[rows], valid[rows], perms[rows])
+            error = ((predicted[:, None] - unit(true)).square().sum(-1) * mask).sum(-1).min(1).values
+            loss = error.sum() / valid[rows].sum()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         with torch.no_grad():
             predicted = F.normalize(net(x_test).view(-1, joints, 2), dim=-1)
-        error = float(angle_error_degrees(predicted, test_angles, shown))
+        error = float(angle_error_degrees(predicted, test_angles, shown, test_perms))
         print(f"epoch {epoch + 1}: {error:.1f} degrees ({time.perf_counter() - start:.0f} s)", flush=True)
+    for f, name in enumerate(families):
+        rows = data.y_test == f
+        error = float(angle_error_degrees(predicted[rows], test_angles[rows], shown[rows], test_perms[rows]))
+        print(f"  {name}: {error:.1f} degrees")
 
 
 if __name__ == "__main__":

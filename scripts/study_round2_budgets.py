@@ -53,7 +53,9 @@ def collect(folders: list[Path], seeds: set[int], key=budget_of) -> dict[str, di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("studies", nargs="*", type=Path, default=[Path(p) for p in BUDGET_STUDIES])
-    parser.add_argument("--methods", nargs="+", default=["dast2", "snfs", "rigl", "set", "wast", "dense"])
+    parser.add_argument(
+        "--methods", nargs="+", default=["dast2", "dast2-attribution", "snfs", "rigl", "set", "wast", "dense"]
+    )
     parser.add_argument("--candidate", default="dast2")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--by", choices=["epochs", "density"], default="epochs", help="the column: budget or sparsity")

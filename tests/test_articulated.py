@@ -328,3 +328,38 @@ def test_pairs_move_at_least_the_minimum_even_in_narrow_ranges(split):
     p = generate(400, seed=5, size=28, families=("scissors", "lamp"), split=split, pairs=True)
     moved = np.degrees(np.abs(p["delta_q"]))[p["moved"]]
     assert len(moved) > 300 and moved.min() >= 15 - 1e-4
+
+
+@pytest.mark.parametrize("family", ["stick", "stick_full"])
+def test_joint_symmetries_relabel_joints_without_changing_the_image(family):
+    perms = art.joint_symmetries(family)
+    assert perms[0] == tuple(range(family_info(family).num_joints)) and len(set(perms)) == len(perms) == 4
+    shapes = drawn_shapes(12, 3, (family,))
+    image = art._render(shapes, 28, ALL_FAMILIES)["image"]
+    for p in perms[1:]:
+        # joint k of a stick figure drives part 2 + k: its width goes with it
+        relabelled = []
+        for s in shapes:
+            widths = list(s.widths)
+            widths[2:] = [s.widths[2 + k] for k in p]
+            relabelled.append(replace(s, angles=tuple(s.angles[k] for k in p), widths=tuple(widths)))
+        assert np.array_equal(art._render(relabelled, 28, ALL_FAMILIES)["image"], image)
+    # a relabelling that is not a symmetry (an arm's angle given to a leg) draws another image
+    q = list(perms[0])
+    q[0], q[-1] = q[-1], q[0]
+    moved = [replace(s, angles=tuple(s.angles[k] for k in q)) for s in shapes]
+    assert not np.array_equal(art._render(moved, 28, ALL_FAMILIES)["image"], image)
+
+
+def test_joint_permutations_pad_with_the_identity_and_hidden_joints_are_dropped():
+    perms = art.joint_permutations(FAMILIES)
+    assert perms.shape == (len(FAMILIES), 4, 4) and perms.dtype == torch.int64
+    identity = torch.arange(4)
+    for f, name in enumerate(FAMILIES):
+        if name != "stick":
+            assert (perms[f] == identity).all()
+    assert sorted(map(tuple, perms[FAMILIES.index("stick")].tolist())) == sorted(art.joint_symmetries("stick"))
+    assert art.joint_permutations(ALL_FAMILIES).shape == (len(ALL_FAMILIES), 4, 8)
+    labels = torch.tensor([FAMILIES.index("arm2"), FAMILIES.index("lamp")])
+    visible = art.visible_joints(torch.ones(2, 4, dtype=torch.bool), labels, FAMILIES)
+    assert visible.tolist() == [[False, True, True, True], [True, True, True, True]]

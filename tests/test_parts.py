@@ -155,6 +155,27 @@ def test_angle_error_in_degrees_wraps_around():
     assert angle_error_degrees(pred, true, torch.zeros_like(valid)).isnan()
 
 
+def test_angle_error_and_loss_take_the_best_relabelling_of_each_sample():
+    true = torch.tensor([[0.5, -1.0, 0.2], [0.3, 1.1, -0.4]])
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    swapped = true[:, [1, 0, 2]]  # predictions with joints 0 and 1 exchanged
+    pred = torch.stack([swapped.sin(), swapped.cos()], -1)
+    identity, swap = [0, 1, 2], [1, 0, 2]
+    perms = torch.tensor([[identity, swap], [identity, identity]])
+    # sample 0 may swap its joints, sample 1 may not
+    expected = (0 + 0 + 0 + 2 * math.degrees(0.8)) / 5
+    assert angle_error_degrees(pred, true, valid, perms).item() == pytest.approx(expected)
+    assert angle_error_degrees(pred, true, valid).item() == pytest.approx(
+        (2 * math.degrees(1.5) + 2 * math.degrees(0.8)) / 5
+    )
+    model = tiny(joints=3)
+    exact = model.angle_loss(pred, true, valid, torch.tensor([[identity, swap], [identity, swap]]))
+    assert exact.item() == pytest.approx(0.0, abs=1e-6)
+    assert model.angle_loss(pred, true, valid, perms).item() > 0.1
+    with pytest.raises(ValueError, match="joint_perms"):
+        model.angle_loss(pred, true, valid, perms[:, :, :2])
+
+
 def test_training_loss_with_and_without_targets_backpropagates():
     torch.manual_seed(0)
     model = tiny(joints=2)

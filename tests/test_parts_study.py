@@ -128,6 +128,23 @@ def test_supervised_parts_learn_the_masks(tmp_path):
     assert scores["trained"]["angle_error_degrees"] < scores["untrained"]["angle_error_degrees"]
 
 
+def test_joint_targets_leave_out_hidden_joints_and_carry_each_samples_relabellings():
+    from neuroplast.data import FAMILIES, load_articulated
+    from neuroplast.train.trainer import supervision_targets
+
+    config = RunConfig(dataset="articulated", model="parts", joint_head=True, articulated_train=64).validate()
+    data = load_articulated(size=32, train=64, test=16)
+    targets = supervision_targets(config, data)
+    labels = data.y_train
+    assert targets["joint_perms"].shape == (64, 4, 4)
+    arms = (labels == FAMILIES.index("arm2")) | (labels == FAMILIES.index("arm3"))
+    assert arms.any() and not targets["joint_valid"][arms, 0].any()
+    assert torch.equal(targets["joint_valid"][~arms], data.extras["train_joint_valid"][~arms])
+    stick = labels == FAMILIES.index("stick")
+    assert stick.any() and (targets["joint_perms"][stick, 3] == torch.tensor([1, 0, 3, 2])).all()
+    assert (targets["joint_perms"][~stick] == torch.arange(4)).all()
+
+
 STUDY = {
     "study": {"variants": ["cnn", "sup"], "datasets": ["articulated", "digits"], "seeds": [0]},
     "variants": {

@@ -8,7 +8,10 @@ from neuroplast.data.articulated import (
     FamilyInfo,
     family_info,
     generate,
+    joint_permutations,
+    joint_symmetries,
     load_articulated,
+    visible_joints,
 )
 from neuroplast.data.dataset import validation_split
 from neuroplast.data.datasets import (
@@ -35,9 +38,12 @@ __all__ = [
     "family_info",
     "generate",
     "is_available_offline",
+    "joint_permutations",
+    "joint_symmetries",
     "load_articulated",
     "load_dataset",
     "parse_idx",
     "read_cifar10_tarball",
     "validation_split",
+    "visible_joints",
 ]

@@ -363,6 +363,61 @@ def family_info(name: str) -> FamilyInfo:
     )
 
 
+# Joints an image cannot show: an arm's shoulder is measured from the global rotation theta0,
+# which its base, a disc, does not reveal (with rotation on, it is uniform over the circle
+# whatever the image).
+HIDDEN_JOINTS = {"arm2": (0,), "arm3": (0,)}
+
+# Joint relabellings an image cannot tell apart: the stick figure's two arms hang off the neck and
+# its two legs off the hip, each pair with equal lengths and with widths drawn alike, so "left"
+# and "right" are names, not something the image shows. Each entry swaps two groups of joints.
+_JOINT_SWAPS = {
+    "stick": (((0,), (1,)), ((2,), (3,))),
+    "stick_full": (((0, 1), (2, 3)), ((4, 5), (6, 7))),
+}
+
+
+def joint_symmetries(name: str) -> tuple[tuple[int, ...], ...]:
+    """The permutations p of a family's joints (identity first) such that the angles
+    (q[p[0]], q[p[1]], ...) are as likely as q for every image: the angles are defined only up to
+    them, so a prediction is scored against the best of them (`joint_permutations`)."""
+    joints = family_info(name).num_joints
+    perms = [tuple(range(joints))]
+    for first, second in _JOINT_SWAPS.get(name, ()):
+        swapped = []
+        for p in perms:
+            q = list(p)
+            for a, b in zip(first, second):
+                q[a], q[b] = p[b], p[a]
+            swapped.append(tuple(q))
+        perms += swapped
+    return tuple(perms)
+
+
+def joint_permutations(families: Sequence[str]) -> torch.Tensor:
+    """`joint_symmetries` of every family as one int64 tensor (F, G, J_max), rows padded with
+    the identity: index it with the labels to get each sample's permutations."""
+    families = _check_families(families)
+    joints = max_parts_and_joints(families)[1]
+    per_family = [joint_symmetries(f) for f in families]
+    group = max(len(p) for p in per_family)
+    identity = list(range(joints))
+    rows = []
+    for perms in per_family:
+        padded = [list(p) + identity[len(p) :] for p in perms]
+        rows.append(padded + [identity] * (group - len(padded)))
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def visible_joints(valid: torch.Tensor, labels: torch.Tensor, families: Sequence[str]) -> torch.Tensor:
+    """`valid` (B, J) less the joints the image cannot show (`HIDDEN_JOINTS`)."""
+    visible = valid.clone()
+    for f, name in enumerate(families):
+        for j in HIDDEN_JOINTS.get(name, ()):
+            visible[labels == f, j] = False
+    return visible
+
+
 def max_parts_and_joints(families: Sequence[str]) -> tuple[int, int]:
     """(P_max, J_max): padded part and joint counts of a set of families."""
     return (10, 8) if "stick_full" in families else (6, 4)

@@ -175,25 +175,12 @@ def _square(data: Dataset) -> bool:
     return data.image_shape[1] == data.image_shape[2]
 
 
-# joints whose angle an image cannot show: an arm's shoulder is measured from the global
-# rotation theta0, which its base, a disc, does not reveal (with rotation on, the shoulder is
-# uniform over the circle whatever the image)
-HIDDEN_JOINTS = {"arm2": (0,), "arm3": (0,)}
-
-
-def visible_joints(valid: torch.Tensor, labels: torch.Tensor, families: list[str]) -> torch.Tensor:
-    """`valid` (B, J) less the joints the image cannot show (`HIDDEN_JOINTS`)."""
-    visible = valid.clone()
-    for f, name in enumerate(families):
-        for j in HIDDEN_JOINTS.get(name, ()):
-            visible[labels == f, j] = False
-    return visible
-
-
 @torch.no_grad()
 def part_scores(run: Run, data: Dataset, joints: bool) -> dict:
     """mIoU and FG-ARI of the predicted masks against the true parts; joint-angle error over the
-    joints an image can show (`HIDDEN_JOINTS` left out) and over all of them."""
+    joints an image can show (`visible_joints`) and over all of them, each sample up to the
+    relabellings of its joints that it cannot tell apart (`joint_permutations`)."""
+    from neuroplast.data.articulated import joint_permutations, visible_joints
     from neuroplast.models.parts import angle_error_degrees, foreground_ari, part_miou
 
     count = min(METRIC_SAMPLES, len(data.y_test))
@@ -206,9 +193,11 @@ def part_scores(run: Run, data: Dataset, joints: bool) -> dict:
     }
     if joints and out.angles is not None:
         angles, valid = data.extras["test_joint_angles"][:count], data.extras["test_joint_valid"][:count]
-        visible = visible_joints(valid, data.y_test[:count], run.config.families())
-        scores["angle_error_degrees"] = float(angle_error_degrees(out.angles.cpu(), angles, visible))
-        scores["angle_error_all_joints_degrees"] = float(angle_error_degrees(out.angles.cpu(), angles, valid))
+        families = run.config.families()
+        visible = visible_joints(valid, data.y_test[:count], families)
+        perms = joint_permutations(families)[data.y_test[:count]]
+        scores["angle_error_degrees"] = float(angle_error_degrees(out.angles.cpu(), angles, visible, perms))
+        scores["angle_error_all_joints_degrees"] = float(angle_error_degrees(out.angles.cpu(), angles, valid, perms))
     return scores
 
 
@@ -434,7 +423,7 @@ def pair_scores(run: Run, config: RunConfig, count: int = PAIR_SAMPLES) -> tuple
     the rotation the joint head predicts, and with the true rotation (what the masks alone get
     wrong); the share of pairs where a moving part was found; how often the joint head names the
     joint that moved. Also returns the arrays the pair figure draws."""
-    from neuroplast.data.articulated import generate
+    from neuroplast.data.articulated import generate, joint_permutations
 
     pairs = generate(
         count * 3, seed=1, size=config.articulated_size, families=tuple(config.families()), split="test", pairs=True
@@ -461,7 +450,10 @@ def pair_scores(run: Run, config: RunConfig, count: int = PAIR_SAMPLES) -> tuple
         estimate, moved = estimate_pivots(da, db, predicted[rows, moved_joint], config.articulated_size)
         scores["pivot_error_px"] = float((estimate - true_pivot).norm(dim=-1).nanmedian())
         scores["pivot_found"] = float(estimate[:, 0].isfinite().double().mean())
-        scores["moved_joint_accuracy"] = float((moved_joint == torch.from_numpy(joint)).double().mean())
+        # named right when it is the moved joint up to the relabellings the image cannot tell apart
+        perms = joint_permutations(config.families())[torch.from_numpy(pairs["label"][single])]
+        named = (perms[rows, :, moved_joint] == torch.from_numpy(joint)[:, None]).any(1)
+        scores["moved_joint_accuracy"] = float(named.double().mean())
         figure["estimate"] = estimate
     figure.update(
         image_a=pairs["image_a"][single],

@@ -319,7 +319,7 @@ class PartQueryEncoder(nn.Module):
             loss = loss + self.mask_weight * self.mask_loss(masks, targets["part_masks"])
         if "joint_angles" in targets and "joint_valid" in targets and out.angles is not None:
             loss = loss + self.angle_weight * self.angle_loss(
-                out.angles, targets["joint_angles"], targets["joint_valid"]
+                out.angles, targets["joint_angles"], targets["joint_valid"], targets.get("joint_perms")
             )
         return loss, out.logits
 
@@ -350,16 +350,23 @@ class PartQueryEncoder(nn.Module):
         bce = -(wanted * predicted.clamp_min(1e-6).log() + (1 - wanted) * (1 - predicted).clamp_min(1e-6).log())
         return dice.mean() + bce.mean()
 
-    def angle_loss(self, angles: torch.Tensor, true: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def angle_loss(
+        self, angles: torch.Tensor, true: torch.Tensor, valid: torch.Tensor, perms: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Squared error of the unit (sin, cos) over the valid joints; with `perms` (B, G, J),
+        each sample's joints relabelled by the permutation that fits it best (the angles of
+        joints an image cannot tell apart, such as a stick figure's left and right arm, are
+        defined only up to swapping them)."""
         if true.shape != angles.shape[:2] or valid.shape != true.shape:
             raise ValueError(
                 f"joint_angles {tuple(true.shape)} and joint_valid {tuple(valid.shape)} must both be "
                 f"(B, J) = {tuple(angles.shape[:2])}"
             )
+        true, valid = permuted_joints(true, valid, perms)
         wanted = torch.stack([true.sin(), true.cos()], -1).to(angles.dtype)
-        error = (angles - wanted).square().sum(-1)
         valid = valid.to(angles.dtype)
-        return (error * valid).sum() / valid.sum().clamp_min(1)
+        error = ((angles[:, None] - wanted).square().sum(-1) * valid).sum(-1).min(1).values
+        return error.sum() / valid[:, 0].sum().clamp_min(1)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
@@ -433,14 +440,35 @@ def foreground_ari(pred_masks: torch.Tensor, true_labels: torch.Tensor) -> torch
     return torch.where(n > 0, ari, torch.nan)
 
 
-def angle_error_degrees(pred_sincos: torch.Tensor, true_angles: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def permuted_joints(
+    true: torch.Tensor, valid: torch.Tensor, perms: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, G, J) copies of the true angles and validity, joints relabelled by each of the sample's
+    G permutations `perms` (B, G, J) (`neuroplast.data.articulated.joint_permutations` indexed
+    by the labels); G = 1, unchanged, without them."""
+    if perms is None:
+        return true[:, None], valid[:, None]
+    if perms.dim() != 3 or perms.shape[0] != true.shape[0] or perms.shape[2] != true.shape[1]:
+        raise ValueError(f"joint_perms {tuple(perms.shape)} must be (B, G, J) with (B, J) = {tuple(true.shape)}")
+    perms = perms.to(true.device)
+    rows = torch.arange(len(true), device=true.device)[:, None, None]
+    return true[rows, perms], valid[rows, perms]
+
+
+def angle_error_degrees(
+    pred_sincos: torch.Tensor, true_angles: torch.Tensor, valid: torch.Tensor, perms: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean absolute angular error in degrees, in [0, 180], of atan2(sin, cos) of the predictions
     (B, J, 2) against the true angles (B, J, radians) over the valid joints; a float64 scalar
-    tensor, nan if no joint is valid."""
-    predicted = torch.atan2(pred_sincos[..., 0], pred_sincos[..., 1]).double()
+    tensor, nan if no joint is valid. With `perms` (B, G, J), each sample is scored against the
+    relabelling of its joints that fits it best (`permuted_joints`)."""
+    true_angles, valid = permuted_joints(true_angles, valid.bool(), perms)
+    predicted = torch.atan2(pred_sincos[..., 0], pred_sincos[..., 1]).double()[:, None]
     difference = torch.remainder(predicted - true_angles.double() + math.pi, 2 * math.pi) - math.pi
-    errors = difference.abs()[valid.bool()]
-    return errors.mean().rad2deg()  # the mean of nothing is nan
+    errors = difference.abs() * valid
+    best = errors.sum(-1).argmin(1)
+    rows = torch.arange(len(best), device=best.device)
+    return errors[rows, best][valid[rows, best]].mean().rad2deg()  # the mean of nothing is nan
 
 
 def grid_transform(name: str) -> Callable[[torch.Tensor], torch.Tensor]:

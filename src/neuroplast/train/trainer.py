@@ -81,8 +81,13 @@ def supervision_targets(config: RunConfig, data: Dataset) -> dict[str, torch.Ten
     if config.part_supervision:
         targets["part_masks"] = data.extras["train_part_masks"]
     if config.joint_head:
+        from neuroplast.data.articulated import joint_permutations, visible_joints
+
+        # only the joints an image shows, each up to the relabellings it cannot tell apart
+        families = config.families()
         targets["joint_angles"] = data.extras["train_joint_angles"]
-        targets["joint_valid"] = data.extras["train_joint_valid"]
+        targets["joint_valid"] = visible_joints(data.extras["train_joint_valid"], data.y_train, families)
+        targets["joint_perms"] = joint_permutations(families)[data.y_train]
     return targets
 
 
