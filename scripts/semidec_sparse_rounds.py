@@ -5,6 +5,10 @@ seed. Reads a finished `neuroplast federate-study` folder:
 
     python scripts/semidec_sparse_rounds.py runs/semidec-sparse-long --rounds 150 300 450 600 \\
         --out docs/results/semidec_sparse_long.md --figure docs/figures/semidec_sparse_long.png
+
+or two `neuroplast federate` run folders, dense first (one seed):
+
+    python scripts/semidec_sparse_rounds.py --pair runs/dense runs/sparse --rounds 600 800 1000
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tomllib
 from collections import defaultdict
 from pathlib import Path
 
@@ -44,13 +49,24 @@ def mean_std(values: list[float], signed: bool = False) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("study", type=Path)
+    parser.add_argument("study", type=Path, nargs="?", help="a federate-study folder")
+    parser.add_argument("--pair", type=Path, nargs=2, metavar=("DENSE", "SPARSE"), help="or two run folders")
     parser.add_argument("--rounds", nargs="+", type=int, default=[150, 300, 450, 600])
     parser.add_argument("--out", type=Path, default=None, help="markdown table (default: print only)")
     parser.add_argument("--figure", type=Path, default=None, help="gap against the rounds (png)")
     args = parser.parse_args()
 
-    found = cells(args.study)
+    if (args.study is None) == (args.pair is None):
+        parser.error("give a study folder or --pair DENSE SPARSE")
+    if args.pair:
+        dense, sparse = args.pair
+        config = tomllib.loads((sparse / "config.toml").read_text())
+        folder = "density0.1-shared" if config.get("masks") == "shared" else "density0.1"
+        name, algorithm = f"{dense.name} / {sparse.name}", config.get("algorithm", "s2s")
+        found = {(name, algorithm, "density1"): {0: records(dense)}, (name, algorithm, folder): {0: records(sparse)}}
+        args.study = sparse.parent
+    else:
+        found = cells(args.study)
     lines = [
         f"Sparse against dense devices in {args.study.name} at R rounds: late accuracy (mean of the "
         "evaluations in the last quarter of the first R rounds), mean ± std over seeds; gap = sparse − "
