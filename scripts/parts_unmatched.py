@@ -10,14 +10,13 @@ pixels go to the matched queries):
 from __future__ import annotations
 
 import argparse
-import tomllib
 from pathlib import Path
 
 import torch
 
 from neuroplast.experiments.parts import trained_run
 from neuroplast.models.parts import hungarian_match, part_miou
-from neuroplast.train import RunConfig
+from neuroplast.train import RunConfig, load_toml
 
 
 def main() -> None:
@@ -26,7 +25,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1000)
     args = parser.parse_args()
 
-    config = RunConfig(**tomllib.loads((args.cell / "config.toml").read_text())).validate()
+    config = RunConfig(**load_toml(args.cell / "config.toml")).validate()
     run = trained_run(config, args.cell)
     count = min(args.samples, len(run.data.y_test))
     x, true = run.data.x_test[:count], run.data.extras["test_part_masks"][:count]

@@ -14,30 +14,36 @@ or two `neuroplast federate` run folders, dense first (one seed):
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import tomllib
 from collections import defaultdict
 from pathlib import Path
 
 from neuroplast.experiments.semidec import late_accuracy
+from neuroplast.train import load_toml
+from neuroplast.train.trainer import read_metrics
 
 METRICS = (("local", "local_test_accuracy"), ("average model", "avg_test_accuracy"))
 
 
-def records(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+DENSE = "dense"  # the mask mode of a density-1 run
+
+
+def mask_mode(config: dict) -> str:
+    """ "dense", "shared" or "per-device": how a run's devices hold their weights."""
+    if config.get("density", 1.0) >= 1.0:
+        return DENSE
+    return config.get("masks", "per-device")
 
 
 def cells(study: Path) -> dict[tuple, dict[int, list[dict]]]:
-    """(regime/graph/K-H, algorithm, density folder) -> seed -> metrics records, finished runs only."""
+    """(regime/graph/K-H, algorithm, mask mode) -> seed -> metrics records, finished runs only."""
     found: dict[tuple, dict[int, list[dict]]] = defaultdict(dict)
     for summary in sorted(study.glob("**/seed*/summary.json")):
         folder = summary.parent
-        algorithm_folder = folder.parent.parent
-        setting = str(algorithm_folder.parent.relative_to(study))
-        key = (setting, algorithm_folder.name, folder.parent.name)
-        found[key][int(folder.name.removeprefix("seed"))] = records(folder)
+        config = load_toml(folder / "config.toml")
+        setting = str(folder.parent.parent.parent.relative_to(study))
+        key = (setting, config["algorithm"], mask_mode(config))
+        found[key][config["seed"]] = read_metrics(folder / "metrics.jsonl")
     return found
 
 
@@ -60,10 +66,12 @@ def main() -> None:
         parser.error("give a study folder or --pair DENSE SPARSE")
     if args.pair:
         dense, sparse = args.pair
-        config = tomllib.loads((sparse / "config.toml").read_text())
-        folder = "density0.1-shared" if config.get("masks") == "shared" else "density0.1"
-        name, algorithm = f"{dense.name} / {sparse.name}", config.get("algorithm", "s2s")
-        found = {(name, algorithm, "density1"): {0: records(dense)}, (name, algorithm, folder): {0: records(sparse)}}
+        config = load_toml(sparse / "config.toml")
+        name, algorithm = f"{dense.name} / {sparse.name}", config["algorithm"]
+        found = {
+            (name, algorithm, DENSE): {0: read_metrics(dense / "metrics.jsonl")},
+            (name, algorithm, mask_mode(config)): {0: read_metrics(sparse / "metrics.jsonl")},
+        }
         args.study = sparse.parent
     else:
         found = cells(args.study)
@@ -77,12 +85,11 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     curves = {}
-    for (setting, algorithm, density), runs in sorted(found.items()):
-        partner = found.get((setting, algorithm, "density1"), {})
+    for (setting, algorithm, masks), runs in sorted(found.items()):
+        partner = found.get((setting, algorithm, DENSE), {})
         seeds = sorted(set(runs) & set(partner))
-        if density == "density1" or not seeds:
+        if masks == DENSE or not seeds:
             continue
-        masks = "shared" if density.endswith("-shared") else "per-device"
         label = f"{algorithm.upper()} {masks}"
         for r in args.rounds:
             if any(max(x["round"] for x in runs[s]) < r or max(x["round"] for x in partner[s]) < r for s in seeds):
