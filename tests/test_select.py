@@ -2,6 +2,7 @@
 scikit-learn selector, the study command and its errors."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -87,10 +88,28 @@ def test_selection_is_deterministic_by_seed(easy, name):
     assert sorted(first.ranking) == list(range(x.shape[1]))
 
 
-def test_neurofs_keeps_k_inputs_and_its_budget(easy):
+def _neurofs_active_count(features: int, k: int, epochs: int, zeta: float = 0.2) -> int:
+    """The active inputs at the end of NeuroFS's schedule, counted by hand: removal down to k
+    by 65% of training, newcomers protected for one round and tried before the weakest go."""
+    start = max(k, int((1 - zeta) * features))
+    to_remove, removed, epoch_remove = start - k, 0, max(1, int(0.65 * epochs))
+    active, newcomers = start, 0
+    for t in range(epochs - 1):  # after every epoch but the last
+        if t < epoch_remove and removed < to_remove:
+            removed += math.ceil((to_remove - removed) / (epoch_remove - t))
+        active -= min(max(0, active - (start - removed)), active - newcomers)
+        newcomers = int(removed * zeta * (1 - t / epochs))
+        active += newcomers
+    return active
+
+
+@pytest.mark.parametrize("epochs", [2, 3, 6])
+def test_neurofs_ends_with_k_inputs_plus_the_last_newcomers(easy, epochs):
     x, y, _ = easy
-    selection = select_features(x, y, "neurofs", k=6, seed=0, epochs=6, hidden=(32,))
-    assert (selection.scores >= 0).sum() == 6  # the active inputs score by strength, removed ones below 0
+    selection = select_features(x, y, "neurofs", k=6, seed=0, epochs=epochs, hidden=(32,))
+    active = selection.scores >= 0  # the active inputs score by strength, removed ones below 0
+    assert active.sum() == _neurofs_active_count(60, 6, epochs)
+    assert active[selection.top(6)].all()
 
 
 @pytest.mark.parametrize("name", ["dast", "extra-trees"])
@@ -159,12 +178,45 @@ def test_cli_writes_results_and_report(tmp_path, capsys):
         (["--method", "magic"], "unknown method 'magic'; choose from:"),
         (["--k", "64"], "k 64 must be an integer in 1..63"),
         (["--dataset", "nope"], "unknown dataset 'nope'; choose from:"),
+        (["--option", "wast.lr"], "must read METHOD.KEY=VALUE"),
+        (["--option", "magic.lr=1"], "unknown method 'magic'; choose from:"),
+        (["--method", "wast", "--option", "wast.depth=2"], "unknown option 'depth' for wast; choose from: epochs"),
+        (["--validation", "5000"], "validation 5000 must be in 0.."),
     ],
 )
 def test_cli_bad_input_is_one_line(tmp_path, capsys, flags, message):
     code = main(["select", "--dataset", "digits", "--out", str(tmp_path), "--quiet", *flags])
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_validation_rows_are_held_out_from_selection_and_fitting():
+    from neuroplast.select.study import study_split
+
+    split = study_split("digits", {}, 0, 0, validation=300)
+    data = load_dataset("digits", flatten=True, progress=False)
+    train = data.x_train.numpy()
+    assert len(split["test_x"]) == 300 and len(split["fit_x"]) == len(split["select_x"]) == len(train) - 300
+    rows = {row.tobytes(): i for i, row in enumerate(train)}
+    held = {rows[r.tobytes()] for r in split["test_x"]}
+    seen = {rows[r.tobytes()] for r in split["fit_x"]} | {rows[r.tobytes()] for r in split["select_x"]}
+    assert len(held) == 300 and not held & seen  # never selected on nor fitted on
+
+
+def test_cli_options_and_validation_reach_the_cell(tmp_path):
+    out = tmp_path / "fs"
+    args = ["select", "--dataset", "digits", "--method", "wast", "--k", "5", "--out", str(out), "--quiet"]
+    assert (
+        main(
+            args
+            + ["--classifiers", "knn", "--validation", "300", "--option", "wast.hidden=16", "--option", "wast.epochs=1"]
+        )
+        == 0
+    )
+    result = json.loads((out / "digits" / "wast" / "seed0" / "result.json").read_text())
+    assert result["options"]["hidden"] == 16 and result["options"]["epochs"] == 1
+    assert result["scored_on"] == "validation" and result["test_samples"] == 300
+    assert "held-out training rows (validation)" in (out / "digits" / "select.md").read_text()
 
 
 def test_synthetic_data_marks_its_informative_features():

@@ -345,7 +345,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="training rows the classifiers are fitted on (0: all); the test set is always whole",
     )
+    select.add_argument(
+        "--validation",
+        type=int,
+        default=None,
+        metavar="N",
+        help="hold out N training rows and score on them instead of the test set (tuning; default 0)",
+    )
     select.add_argument("--epochs", type=int, default=None, metavar="N", help="epochs of the sparse-training methods")
+    select.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="METHOD.KEY=VALUE",
+        help="a method's own setting, VALUE in TOML (e.g. neurofs.lr=0.1, neurofs.hidden=[1000]); repeatable",
+    )
     select.add_argument("--out", default=None, metavar="DIR", help="study folder (default runs/select)")
     select.add_argument("--workers", type=int, default=None, metavar="N", help="cells at a time (default 1)")
     select.add_argument("--report-only", action="store_true", help="run nothing; report the cells finished so far")
@@ -490,6 +504,29 @@ def cmd_study(args) -> int:
     return _study_command(args, load_study, run_study, write_report)
 
 
+def _method_option(text: str) -> tuple[str, str, object]:
+    """`METHOD.KEY=VALUE` (VALUE in TOML) as (method, key, value), or a one-line error."""
+    import tomllib
+
+    from neuroplast.select import METHODS, SelectionError
+
+    name, _, value = text.partition("=")
+    method, _, key = name.strip().partition(".")
+    if not value or not key:
+        raise SelectionError(f"--option {text!r} must read METHOD.KEY=VALUE, e.g. neurofs.lr=0.1")
+    if method not in METHODS:
+        raise SelectionError(f"--option {text!r}: unknown method {method!r}; choose from: {', '.join(METHODS)}")
+    if key not in METHODS[method].options:
+        raise SelectionError(
+            f"--option {text!r}: unknown option {key!r} for {method}; choose from: {', '.join(METHODS[method].options)}"
+        )
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()  # a bare word: a string
+    return method, key, parsed
+
+
 def cmd_select(args) -> int:
     from neuroplast.experiments.runner import run_cells
     from neuroplast.select.study import SelectStudy, cells, is_finished, run_cell, write_report
@@ -506,6 +543,7 @@ def cmd_select(args) -> int:
         "classifiers": listed(args.classifiers),
         "select_samples": args.select_samples,
         "eval_samples": args.eval_samples,
+        "validation": args.validation,
         "workers": args.workers,
     }
     if args.config:
@@ -515,6 +553,9 @@ def cmd_select(args) -> int:
     if args.epochs is not None:
         sparse = ("quickselection", "wast", "dast", "neurofs")
         study.options = {**study.options, **{m: {**study.options.get(m, {}), "epochs": args.epochs} for m in sparse}}
+    for text in args.option:
+        method, key, value = _method_option(text)
+        study.options = {**study.options, method: {**study.options.get(method, {}), key: value}}
     study.validate()
     grid = cells(study)
     todo = [] if args.report_only else [c for c in grid if not is_finished(c)]

@@ -407,15 +407,21 @@ def dast_scores(
 class InputNeuronEvolution:
     """NeuroFS's gradual input-neuron removal on the first sparse layer (dst.md 2.9).
 
-    Starts with a random (1 - zeta_in) share of the inputs active. After epoch t:
+    Starts with a random (1 - zeta_in) share of the inputs active. After epoch t (every epoch but
+    the last):
 
         n_remove(t) = ceil((to_remove - removed) / (epoch_remove - t))   until epoch_remove = 0.65 epochs
-        n_update(t) = int(removed * zeta_in * (1 - t / epochs))           swapped out and in
+        n_update(t) = int(removed * zeta_in * (1 - t / epochs))           newcomers tried for an epoch
 
-    removes the n_remove + n_update weakest mature active inputs (an input added in the last
-    round is protected), adds n_update inactive ones with the largest summed |gradient| of
-    their missing connections, drops the zeta_in share of the remaining input weights closest to
-    zero (per sign), and regrows by |gradient| among the active inputs back to the budget.
+    the schedule keeps `start - removed` inputs: the weakest mature active inputs go until that many
+    are left (an input added in the last round is protected: it has had one epoch), then n_update
+    inactive ones with the largest summed |gradient| of their missing connections join as
+    newcomers; the zeta_in share of the remaining input weights closest to zero (per sign) is
+    dropped and regrown by |gradient| among the active inputs back to the budget. Newcomers are
+    tried before anything makes room for them, as in the reference code, where they join the
+    active set: swapping them in for the weakest at once would end a short run with untrained
+    inputs in the selection (at 3 epochs all 50 of K = 50: SVM 74.6% against 81.9% on
+    Fashion-MNIST). The selection is the k strongest active inputs at the end.
     """
 
     def __init__(self, layer: SparseLayer, k: int, epochs: int, zeta: float, generator: torch.Generator):
@@ -423,6 +429,7 @@ class InputNeuronEvolution:
         hidden, features = layer.shape
         self.budget = layer.nnz
         start = max(k, int((1 - zeta) * features))
+        self.start_count = start
         self.active = torch.zeros(features, dtype=torch.bool)
         self.active[torch.randperm(features, generator=generator)[:start]] = True
         self.added_at = torch.full((features,), -2)
@@ -442,21 +449,20 @@ class InputNeuronEvolution:
     @torch.no_grad()
     def evolve(self, epoch: int, optimizers) -> None:
         strength = input_strength(self.layer)
-        n_remove = 0
         if epoch < self.epoch_remove and self.removed < self.to_remove:
-            n_remove = math.ceil((self.to_remove - self.removed) / (self.epoch_remove - epoch))
-        n_update = int(self.removed * self.zeta * (1 - epoch / self.epochs))
+            self.removed += math.ceil((self.to_remove - self.removed) / (self.epoch_remove - epoch))
+        kept = self.start_count - self.removed
         mature = (self.active & (self.added_at < epoch - 1)).nonzero().squeeze(1)
-        n_update = min(n_update, max(0, mature.numel() - n_remove))
-        weakest = mature[select_extreme(strength[mature], n_remove + n_update, self.generator, largest=False)]
-        gradient = self.input_gradient()
+        excess = min(max(0, int(self.active.sum()) - kept), mature.numel())
+        weakest = mature[select_extreme(strength[mature], excess, self.generator, largest=False)]
         self.active[weakest] = False
         self.removed_at[weakest] = epoch
-        self.removed += n_remove
+        n_update = int(self.removed * self.zeta * (1 - epoch / self.epochs))
         if n_update:
+            gradient = self.input_gradient()
             pool = (~self.active).nonzero().squeeze(1)
             pool = pool[~torch.isin(pool, weakest)]
-            added = pool[select_extreme(gradient[pool], n_update, self.generator, largest=True)]
+            added = pool[select_extreme(gradient[pool], min(n_update, pool.numel()), self.generator, largest=True)]
             self.active[added] = True
             self.added_at[added] = epoch
         values, flat = self.layer.live()

@@ -38,6 +38,7 @@ class SelectStudy:
     classifiers: list[str] = field(default_factory=lambda: ["svm", "knn", "extra-trees"])
     select_samples: int = 0  # training rows the selectors see (0: all)
     eval_samples: int = 0  # training rows the classifiers are fitted on (0: all); the test set is whole
+    validation: int = 0  # training rows held out and scored instead of the test set (0: the test set)
     workers: int = 1
     data: dict = field(default_factory=dict)  # dataset options (synthetic sets)
     options: dict = field(default_factory=dict)  # per method: {"wast": {"epochs": 1}, ...}
@@ -57,7 +58,7 @@ class SelectStudy:
                 raise SelectionError(f"options for unknown method {name!r}; choose from: {', '.join(METHODS)}")
         if not self.methods or not self.seeds or not self.ks:
             raise SelectionError("a study needs at least one method, one seed and one K")
-        for key in ("select_samples", "eval_samples"):
+        for key in ("select_samples", "eval_samples", "validation"):
             if getattr(self, key) < 0:
                 raise SelectionError(f"{key} {getattr(self, key)!r} must be >= 0 (0: the whole training set)")
         if self.workers < 1:
@@ -121,23 +122,31 @@ def is_finished(cell: Cell) -> bool:
 _LOADED: dict[str, tuple] = {}
 
 
-def study_split(dataset: str, data: dict, select_samples: int, eval_samples: int) -> dict:
-    """The arrays every method of a study sees (cached per process)."""
-    key = json.dumps([dataset, data, select_samples, eval_samples], sort_keys=True)
+def study_split(dataset: str, data: dict, select_samples: int, eval_samples: int, validation: int = 0) -> dict:
+    """The arrays every method of a study sees (cached per process). With `validation` > 0 that
+    many training rows are held out and scored instead of the test set (selectors and classifiers
+    never see them): tune on them, then score the chosen settings once on the test set."""
+    key = json.dumps([dataset, data, select_samples, eval_samples, validation], sort_keys=True)
     if key not in _LOADED:
         options = {"synthetic": data} if data else {}
         d = load_dataset(dataset, flatten=True, progress=False, **options)
         x, y = d.x_train.numpy(), d.y_train.numpy()
+        if validation >= len(x):
+            raise SelectionError(
+                f"validation {validation!r} must be in 0..{len(x) - 1} ({dataset} has {len(x)} training rows)"
+            )
         order = np.random.default_rng(0).permutation(len(x))  # one split for every method and seed
+        held, order = order[len(order) - validation :], order[: len(order) - validation]
         pick = order[:select_samples] if select_samples else order
         fit = order[:eval_samples] if eval_samples else order
+        test_x, test_y = (x[held], y[held]) if validation else (d.x_test.numpy(), d.y_test.numpy())
         _LOADED[key] = {
             "select_x": x[pick],
             "select_y": y[pick],
             "fit_x": x[fit],
             "fit_y": y[fit],
-            "test_x": d.x_test.numpy(),
-            "test_y": d.y_test.numpy(),
+            "test_x": test_x,
+            "test_y": test_y,
             "informative": d.extras["informative"].numpy() if "informative" in d.extras else None,
         }
     return _LOADED[key]
@@ -145,7 +154,9 @@ def study_split(dataset: str, data: dict, select_samples: int, eval_samples: int
 
 def run_cell(config: dict, folder: str | Path) -> dict:
     """Select with one method and seed, evaluate at every K, write `result.json`; return it."""
-    split = study_split(config["dataset"], config["data"], config["select_samples"], config["eval_samples"])
+    split = study_split(
+        config["dataset"], config["data"], config["select_samples"], config["eval_samples"], config.get("validation", 0)
+    )
     method, seed, ks = config["method"], config["seed"], sorted(config["ks"])
     options = dict(config["options"].get(method, {}))
     if method == "wast" and config["dataset"] in IMAGE_DATASETS:
@@ -169,6 +180,7 @@ def run_cell(config: dict, folder: str | Path) -> dict:
         "select_samples": len(split["select_x"]),
         "eval_samples": len(split["fit_x"]),
         "test_samples": len(split["test_x"]),
+        "scored_on": "validation" if config.get("validation", 0) else "test",
         "options": options,
         "accuracy": accuracy,
         "ranking": selection.ranking[: max(max(ks), 200)].tolist(),
@@ -209,7 +221,9 @@ def write_report(study: SelectStudy) -> Path:
         r0 = results[0]
         lines += [
             f"Selectors saw {r0['select_samples']} training rows; the classifiers were fitted on "
-            f"{r0['eval_samples']} and tested on {r0['test_samples']}. Mean ± std over seeds (n per row).",
+            f"{r0['eval_samples']} and tested on {r0['test_samples']}"
+            + (" held-out training rows (validation)" if r0.get("scored_on") == "validation" else "")
+            + ". Mean ± std over seeds (n per row).",
             "",
         ]
     for classifier in study.classifiers:
