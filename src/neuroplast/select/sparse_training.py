@@ -413,6 +413,9 @@ class InputNeuronEvolution:
         n_remove(t) = ceil((to_remove - removed) / (epoch_remove - t))   until epoch_remove = 0.65 epochs
         n_update(t) = int(removed * zeta_in * (1 - t / epochs))           newcomers tried for an epoch
 
+    (`removed` counted after this round's removals; the reference code counts it before them, so
+    its first round brings no newcomers)
+
     the schedule keeps `start - removed` inputs: the weakest mature active inputs go until that many
     are left (an input added in the last round is protected: it has had one epoch), then n_update
     inactive ones with the largest summed |gradient| of their missing connections join as
