@@ -550,11 +550,9 @@ def cmd_select(args) -> int:
         study = SelectStudy.from_toml(args.config, **overrides)
     else:
         study = SelectStudy(**{k: v for k, v in overrides.items() if v is not None})
-    if args.epochs is not None:
-        sparse = ("quickselection", "wast", "dast", "neurofs")
-        study.options = {**study.options, **{m: {**study.options.get(m, {}), "epochs": args.epochs} for m in sparse}}
-    for text in args.option:
-        method, key, value = _method_option(text)
+    sparse = ("quickselection", "wast", "dast", "neurofs")
+    settings = [(m, "epochs", args.epochs) for m in sparse] if args.epochs is not None else []
+    for method, key, value in settings + [_method_option(text) for text in args.option]:
         study.options = {**study.options, method: {**study.options.get(method, {}), key: value}}
     study.validate()
     grid = cells(study)

@@ -432,7 +432,6 @@ class InputNeuronEvolution:
         hidden, features = layer.shape
         self.budget = layer.nnz
         start = max(k, int((1 - zeta) * features))
-        self.start_count = start
         self.active = torch.zeros(features, dtype=torch.bool)
         self.active[torch.randperm(features, generator=generator)[:start]] = True
         self.added_at = torch.full((features,), -2)
@@ -454,7 +453,7 @@ class InputNeuronEvolution:
         strength = input_strength(self.layer)
         if epoch < self.epoch_remove and self.removed < self.to_remove:
             self.removed += math.ceil((self.to_remove - self.removed) / (self.epoch_remove - epoch))
-        kept = self.start_count - self.removed
+        kept = self.k + self.to_remove - self.removed  # the schedule's active inputs after this round
         mature = (self.active & (self.added_at < epoch - 1)).nonzero().squeeze(1)
         excess = min(max(0, int(self.active.sum()) - kept), mature.numel())
         weakest = mature[select_extreme(strength[mature], excess, self.generator, largest=False)]

@@ -155,7 +155,7 @@ def study_split(dataset: str, data: dict, select_samples: int, eval_samples: int
 def run_cell(config: dict, folder: str | Path) -> dict:
     """Select with one method and seed, evaluate at every K, write `result.json`; return it."""
     split = study_split(
-        config["dataset"], config["data"], config["select_samples"], config["eval_samples"], config.get("validation", 0)
+        config["dataset"], config["data"], config["select_samples"], config["eval_samples"], config["validation"]
     )
     method, seed, ks = config["method"], config["seed"], sorted(config["ks"])
     options = dict(config["options"].get(method, {}))
@@ -180,7 +180,7 @@ def run_cell(config: dict, folder: str | Path) -> dict:
         "select_samples": len(split["select_x"]),
         "eval_samples": len(split["fit_x"]),
         "test_samples": len(split["test_x"]),
-        "scored_on": "validation" if config.get("validation", 0) else "test",
+        "scored_on": "validation" if config["validation"] else "test",
         "options": options,
         "accuracy": accuracy,
         "ranking": selection.ranking[: max(max(ks), 200)].tolist(),
